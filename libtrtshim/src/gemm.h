@@ -26,10 +26,14 @@ int gemm_tactic_supported(int tactic);
 
 /* Bytes of the packed form of a K x N weight for a tactic, in weight_dtype (FLOAT32, FLOAT16, BFLOAT16). */
 size_t gemm_packed_bytes(int tactic, int64_t K, int64_t N, trtshim_dtype weight_dtype);
-/* Packs B. b_transposed = 0: b is row-major [K, N]; 1: b is row-major [N, K] (a torch Linear weight).
-   ldb is the row stride of b in elements. Float values are rounded to weight_dtype (nearest even). */
-void gemm_pack(int tactic, const float *b, int b_transposed, int64_t ldb, int64_t K, int64_t N,
-               trtshim_dtype weight_dtype, void *packed);
+/* Packs columns [n_begin, n_begin + n_count) of B into a packed buffer holding all N columns; the other
+   columns are left as they are. Packing every column range once gives the same bytes as packing all N at
+   once. This is what lets a refit repack one member of a concatenated GEMM (q, k and v side by side)
+   without touching the others. b holds only the given columns: b_transposed = 0: b is row-major
+   [K, n_count] with row stride ldb; 1: b is row-major [n_count, K] (a torch Linear weight) with row stride
+   ldb. Values are rounded to weight_dtype (round to nearest even). */
+void gemm_pack_columns(int tactic, const float *b, int b_transposed, int64_t ldb, int64_t K, int64_t N,
+                       int64_t n_begin, int64_t n_count, trtshim_dtype weight_dtype, void *packed);
 
 /* act is a trtshim_unary_op applied elementwise after the bias (TRTSHIM_UNARY_IDENTITY for none); bias may
    be null. lda and ldc are row strides in elements. num_threads <= 1 runs on the calling thread. */
