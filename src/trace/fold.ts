@@ -1,0 +1,255 @@
+/**
+ * Build-time evaluation of operators whose inputs are all constants (shape arithmetic, Cast, Transpose
+ * or Reshape of initializers, ...). Values are computed in float64 and stored in the output dtype, which
+ * rounds float32 results once, as a float32 kernel would for these simple operations.
+ * An evaluator returns undefined when it does not handle a case; the node then stays in the graph.
+ */
+import { allocate, elementCount, isFloat, tensorOf, toNumbers, type DType, type Node, type Tensor, type TensorType } from './ir.js';
+import { attrFloat, attrInt, attrInts, normalizeAxis, resolveSlice, resolveSplit } from './shapes.js';
+
+export type Evaluator = (node: Node, inputs: readonly (Tensor | undefined)[], outputs: readonly TensorType[], opset: number) => Tensor[] | undefined;
+
+const strides = (shape: readonly number[]): number[] => {
+  const out = new Array<number>(shape.length);
+  let s = 1;
+  for (let i = shape.length - 1; i >= 0; i--) {
+    out[i] = s;
+    s *= shape[i];
+  }
+  return out;
+};
+
+/** For each output element (row-major over `outShape`), the offset of the broadcast input element. */
+const broadcastOffsets = (inShape: readonly number[], outShape: readonly number[]): Int32Array => {
+  const n = elementCount(outShape);
+  const offsets = new Int32Array(n);
+  const rank = outShape.length;
+  const inStrides = strides(inShape);
+  const step = outShape.map((d, i) => {
+    const k = i - (rank - inShape.length);
+    return k < 0 || inShape[k] === 1 ? 0 : inStrides[k];
+  });
+  const index = new Array<number>(rank).fill(0);
+  let offset = 0;
+  for (let e = 0; e < n; e++) {
+    offsets[e] = offset;
+    for (let i = rank - 1; i >= 0; i--) {
+      index[i]++;
+      offset += step[i];
+      if (index[i] < outShape[i]) break;
+      offset -= step[i] * index[i];
+      index[i] = 0;
+    }
+  }
+  return offsets;
+};
+
+const make = (dtype: DType, shape: readonly number[], values: ArrayLike<number>): Tensor => tensorOf(dtype, shape, values);
+
+/** Same values in another shape: Reshape, Flatten, Squeeze, Unsqueeze, Identity. */
+const relabel: Evaluator = (_node, [x], [out]) => (x === undefined ? undefined : [{ dtype: x.dtype, shape: out.shape, data: x.data }]);
+
+const mapElements = (f: (v: number) => number, onlyFloat = false): Evaluator => (_node, [x], [out]) => {
+  if (x === undefined || (onlyFloat && !isFloat(x.dtype))) return undefined;
+  return [make(out.dtype, out.shape, toNumbers(x).map(f))];
+};
+
+const combine = (f: (...v: number[]) => number): Evaluator => (_node, inputs, [out]) => {
+  if (inputs.some((t) => t === undefined)) return undefined;
+  const tensors = inputs as Tensor[];
+  const values = tensors.map(toNumbers);
+  const offsets = tensors.map((t) => broadcastOffsets(t.shape, out.shape));
+  const n = elementCount(out.shape);
+  const result = new Float64Array(n);
+  const args = new Array<number>(tensors.length);
+  for (let e = 0; e < n; e++) {
+    for (let k = 0; k < tensors.length; k++) args[k] = values[k][offsets[k][e]];
+    result[e] = f(...args);
+  }
+  return [make(out.dtype, out.shape, result)];
+};
+
+/** Integer division truncates toward zero, as ONNX Runtime does. */
+const divide: Evaluator = (node, inputs, outputs, opset) => {
+  const intDiv = inputs[0] !== undefined && !isFloat(inputs[0].dtype);
+  return combine((a, b) => (intDiv ? Math.trunc(a / b) : a / b))(node, inputs, outputs, opset);
+};
+
+const gatherAxis = (x: Tensor, axis: number, picks: readonly number[], outShape: readonly number[]): Tensor => {
+  const outer = elementCount(x.shape.slice(0, axis));
+  const inner = elementCount(x.shape.slice(axis + 1));
+  const dim = x.shape[axis];
+  const out = allocate(x.dtype, outer * picks.length * inner);
+  const src = x.data as unknown as { [i: number]: number | bigint };
+  const dst = out as unknown as { [i: number]: number | bigint };
+  let o = 0;
+  for (let a = 0; a < outer; a++) {
+    for (const p of picks) {
+      const base = (a * dim + p) * inner;
+      for (let i = 0; i < inner; i++) dst[o++] = src[base + i];
+    }
+  }
+  return { dtype: x.dtype, shape: outShape, data: out };
+};
+
+const transpose = (x: Tensor, perm: readonly number[]): Tensor => {
+  const outShape = perm.map((p) => x.shape[p]);
+  const inStrides = strides(x.shape);
+  const permuted = perm.map((p) => inStrides[p]);
+  const n = elementCount(outShape);
+  const out = allocate(x.dtype, n);
+  const src = x.data as unknown as { [i: number]: number | bigint };
+  const dst = out as unknown as { [i: number]: number | bigint };
+  const index = new Array<number>(outShape.length).fill(0);
+  let offset = 0;
+  for (let e = 0; e < n; e++) {
+    dst[e] = src[offset];
+    for (let i = outShape.length - 1; i >= 0; i--) {
+      index[i]++;
+      offset += permuted[i];
+      if (index[i] < outShape[i]) break;
+      offset -= permuted[i] * index[i];
+      index[i] = 0;
+    }
+  }
+  return { dtype: x.dtype, shape: outShape, data: out };
+};
+
+export const transposeTensor = transpose;
+
+const castTo = (target: DType) => (x: Tensor, shape: readonly number[]): Tensor | undefined => {
+  if (target === 'float16' || target === 'bfloat16' || x.dtype === 'float16' || x.dtype === 'bfloat16') return undefined;
+  if (target === x.dtype) return { ...x, shape };
+  const values = toNumbers(x);
+  const converted = isFloat(target) ? values : target === 'bool' ? values.map((v) => (v !== 0 ? 1 : 0)) : values.map(Math.trunc);
+  return make(target, shape, converted);
+};
+
+const erf = (x: number): number => {
+  // Abramowitz-Stegun 7.1.26 is too coarse for weights; use a series / continued fraction split.
+  const t = Math.abs(x);
+  if (t < 2.5) {
+    let sum = t, term = t, k = 0;
+    while (Math.abs(term) > 1e-17 * Math.abs(sum) && k < 200) {
+      k++;
+      term *= (-t * t) / k;
+      sum += term / (2 * k + 1);
+    }
+    return Math.sign(x) * (2 / Math.sqrt(Math.PI)) * sum;
+  }
+  let f = 0;
+  for (let k = 60; k >= 1; k--) f = (k / 2) / (t + f);
+  return Math.sign(x) * (1 - Math.exp(-t * t) / Math.sqrt(Math.PI) / (t + f));
+};
+
+export const evaluators: Readonly<Record<string, Evaluator>> = {
+  Identity: relabel, Reshape: relabel, Flatten: relabel, Squeeze: relabel, Unsqueeze: relabel,
+  Neg: mapElements((v) => -v),
+  Abs: mapElements(Math.abs),
+  Sqrt: mapElements(Math.sqrt, true),
+  Reciprocal: mapElements((v) => 1 / v, true),
+  Exp: mapElements(Math.exp, true),
+  Log: mapElements(Math.log, true),
+  Tanh: mapElements(Math.tanh, true),
+  Erf: mapElements(erf, true),
+  Relu: mapElements((v) => Math.max(0, v)),
+  Sigmoid: mapElements((v) => 1 / (1 + Math.exp(-v)), true),
+  Not: mapElements((v) => (v ? 0 : 1)),
+  IsNaN: mapElements((v) => (Number.isNaN(v) ? 1 : 0)),
+  IsInf: mapElements((v) => (v === Infinity || v === -Infinity ? 1 : 0)),
+  Add: combine((a, b) => a + b),
+  Sub: combine((a, b) => a - b),
+  Mul: combine((a, b) => a * b),
+  Div: divide,
+  Pow: combine((a, b) => Math.pow(a, b)),
+  Max: combine((...v) => Math.max(...v)),
+  Min: combine((...v) => Math.min(...v)),
+  Equal: combine((a, b) => (a === b ? 1 : 0)),
+  Less: combine((a, b) => (a < b ? 1 : 0)),
+  Greater: combine((a, b) => (a > b ? 1 : 0)),
+  LessOrEqual: combine((a, b) => (a <= b ? 1 : 0)),
+  GreaterOrEqual: combine((a, b) => (a >= b ? 1 : 0)),
+  And: combine((a, b) => (a && b ? 1 : 0)),
+  Or: combine((a, b) => (a || b ? 1 : 0)),
+  Where: combine((c, a, b) => (c ? a : b)),
+  Expand: (node, [x], outputs, opset) => (x === undefined ? undefined : combine((v) => v)(node, [x], outputs, opset)),
+  Cast: (node, [x], [out]) => {
+    if (x === undefined) return undefined;
+    const t = castTo(out.dtype)(x, out.shape);
+    return t === undefined ? undefined : [t];
+  },
+  ConstantOfShape: (node, _inputs, [out]) => {
+    const value = node.attributes['value'];
+    const fill = value?.kind === 'tensor' ? toNumbers(value.value)[0] ?? 0 : 0;
+    if (out.dtype === 'float16' || out.dtype === 'bfloat16') return undefined;
+    return [make(out.dtype, out.shape, new Float64Array(elementCount(out.shape)).fill(fill))];
+  },
+  Transpose: (node, [x]) => {
+    if (x === undefined) return undefined;
+    return [transpose(x, attrInts(node, 'perm') ?? x.shape.map((_, i) => x.shape.length - 1 - i))];
+  },
+  Concat: (node, inputs, [out]) => {
+    if (inputs.some((t) => t === undefined)) return undefined;
+    const tensors = inputs as Tensor[];
+    const axis = normalizeAxis(node, attrInt(node, 'axis', 0), out.shape.length);
+    const outer = elementCount(out.shape.slice(0, axis));
+    const data = allocate(out.dtype, elementCount(out.shape));
+    const dst = data as unknown as { [i: number]: number | bigint };
+    let o = 0;
+    for (let a = 0; a < outer; a++) {
+      for (const t of tensors) {
+        const chunk = elementCount(t.shape.slice(axis));
+        const src = t.data as unknown as { [i: number]: number | bigint };
+        for (let i = 0; i < chunk; i++) dst[o++] = src[a * chunk + i];
+      }
+    }
+    return [{ dtype: out.dtype, shape: out.shape, data }];
+  },
+  Gather: (node, [x, indices], [out]) => {
+    if (x === undefined || indices === undefined) return undefined;
+    const axis = normalizeAxis(node, attrInt(node, 'axis', 0), x.shape.length);
+    const dim = x.shape[axis];
+    const picks = toNumbers(indices).map((i) => (i < 0 ? i + dim : i));
+    if (picks.some((p) => p < 0 || p >= dim)) return undefined;
+    return [gatherAxis(x, axis, picks, out.shape)];
+  },
+  Slice: (node, inputs, [out]) => {
+    const [x, starts, ends, axes, steps] = inputs;
+    if (x === undefined || starts === undefined || ends === undefined) return undefined;
+    if (node.inputs[3] && axes === undefined) return undefined;
+    if (node.inputs[4] && steps === undefined) return undefined;
+    const s = resolveSlice(node, x.shape, toNumbers(starts), toNumbers(ends), axes && toNumbers(axes), steps && toNumbers(steps));
+    let t: Tensor = x;
+    for (let a = 0; a < x.shape.length; a++) {
+      const picks = Array.from({ length: s.count[a] }, (_, i) => s.start[a] + i * s.step[a]);
+      t = gatherAxis(t, a, picks, t.shape.map((d, k) => (k === a ? picks.length : d)));
+    }
+    return [{ ...t, shape: out.shape }];
+  },
+  Split: (node, inputs, outputs, opset) => {
+    const [x] = inputs;
+    if (x === undefined) return undefined;
+    const { axis, sizes } = resolveSplit({ node, opset, types: inputs.map((t) => t && { dtype: t.dtype, shape: t.shape }), values: inputs });
+    let begin = 0;
+    return sizes.map((size, k) => {
+      const picks = Array.from({ length: size }, (_, i) => begin + i);
+      begin += size;
+      return gatherAxis(x, axis, picks, outputs[k].shape);
+    });
+  },
+  Range: (_node, [start, , delta], [out]) => {
+    if (start === undefined || delta === undefined) return undefined;
+    const s = toNumbers(start)[0];
+    const d = toNumbers(delta)[0];
+    return [make(out.dtype, out.shape, Array.from({ length: out.shape[0] }, (_, i) => s + i * d))];
+  },
+  HardSigmoid: (node, [x], [out]) => {
+    if (x === undefined || !isFloat(x.dtype)) return undefined;
+    const alpha = attrFloat(node, 'alpha', 0.2);
+    const beta = attrFloat(node, 'beta', 0.5);
+    return [make(out.dtype, out.shape, toNumbers(x).map((v) => Math.max(0, Math.min(1, alpha * v + beta))))];
+  },
+};
+
+/** Most elements a folded constant may have: larger results stay as run-time nodes. */
+export const MAX_FOLDED_ELEMENTS = 1 << 24;
