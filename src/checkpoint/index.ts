@@ -1,0 +1,3 @@
+export * from './errors.js';
+export * from './checkpoint.js';
+export * from './adapter.js';
