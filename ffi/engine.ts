@@ -1,0 +1,368 @@
+/**
+ * Engines, execution contexts and refitters: typed, disposable wrappers of libtrtshim's handles.
+ *
+ * Every wrapper owns one native handle; after [Symbol.dispose]() its methods throw instead of calling into
+ * C. The C side reference-counts engines (contexts and refitters hold theirs), so wrappers may be disposed
+ * in any order. A FinalizationRegistry destroys handles whose wrappers were dropped without dispose.
+ */
+import { readFileSync } from 'node:fs';
+import type { NetworkDefinition, Weights, WeightRole } from '../src/network/types.js';
+import { call, check, DType, dtypeName, MAX_RANK, native, NativeError, Role, roleName, Status, type NativeFunctionName } from './library.js';
+import { lowerNetwork, nativeWeights } from './network.js';
+
+export type HostTensor = Float32Array | Int32Array | BigInt64Array;
+export type WeightPrecision = 'float32' | 'float16' | 'bfloat16';
+
+export interface BuildOptions {
+  weightPrecision?: WeightPrecision; // default float32
+  refittable?: boolean; // default true
+  stripWeights?: boolean; // default false
+  weightStreaming?: boolean; // default false
+  tacticSearch?: boolean; // default false
+  numThreads?: number; // default 0 = one per core
+}
+
+export interface EngineWeight {
+  layer: string;
+  role: WeightRole;
+  dtype: string;
+  shape: number[];
+  bytes: number;
+}
+export interface IoDesc {
+  name: string;
+  isInput: boolean;
+  dtype: string;
+  shape: number[];
+}
+export interface EngineInfo {
+  numLayers: number;
+  numKernels: number;
+  numWeights: number;
+  refittable: boolean;
+  hasWeights: boolean;
+  weightPrecision: string;
+  weightBytes: number;
+  scratchBytes: number;
+}
+export interface WeightUpdate {
+  layer: string;
+  role: WeightRole;
+  weights: Weights;
+}
+
+type Destroyer = 'trtshim_engine_destroy' | 'trtshim_context_destroy' | 'trtshim_refitter_destroy';
+
+// Safety net: destroy handles whose wrappers were garbage-collected without dispose.
+const leaked = new FinalizationRegistry<{ destroy: Destroyer; handle: unknown }>(({ destroy, handle }) => {
+  native(destroy)(handle);
+});
+
+/** One native handle, destroyed once; `get` throws after dispose. */
+class Handle {
+  #value: unknown;
+  constructor(
+    value: unknown,
+    private readonly destroy: Destroyer,
+    private readonly what: string,
+    owner: object,
+  ) {
+    this.#value = value;
+    leaked.register(owner, { destroy, handle: value }, this);
+  }
+  get(): unknown {
+    if (this.#value === null) throw new Error(`${this.what} used after dispose`);
+    return this.#value;
+  }
+  get disposed(): boolean {
+    return this.#value === null;
+  }
+  release(): void {
+    if (this.#value === null) return;
+    leaked.unregister(this);
+    native(this.destroy)(this.#value);
+    this.#value = null;
+  }
+}
+
+const num = (v: unknown): number => (typeof v === 'bigint' ? Number(v) : (v as number));
+
+const createHandle = (fn: NativeFunctionName, ...args: unknown[]): unknown => {
+  const out: unknown[] = [null];
+  call(fn, ...args, out);
+  return out[0];
+};
+
+const bytesOf = (t: HostTensor): number => t.byteLength;
+
+/** The current build configuration with `options` applied over libtrtshim's defaults. */
+export const buildConfig = (options: BuildOptions = {}) => {
+  const config: Record<string, number> = {};
+  native('trtshim_build_config_default')(config);
+  if (options.weightPrecision !== undefined) config.weight_precision = DType[options.weightPrecision];
+  if (options.refittable !== undefined) config.refittable = options.refittable ? 1 : 0;
+  else config.refittable = 1;
+  if (options.stripWeights !== undefined) config.strip_weights = options.stripWeights ? 1 : 0;
+  if (options.weightStreaming !== undefined) config.weight_streaming = options.weightStreaming ? 1 : 0;
+  if (options.tacticSearch !== undefined) config.tactic_search = options.tacticSearch ? 1 : 0;
+  if (options.numThreads !== undefined) config.num_threads = options.numThreads;
+  return config;
+};
+
+/** Compiles a network into an engine. Throws NativeError (or NetworkLoweringError for a bad definition). */
+export const buildEngine = (net: NetworkDefinition, options: BuildOptions = {}): Engine => {
+  using network = lowerNetwork(net);
+  return new Engine(createHandle('trtshim_build', network.handle, buildConfig(options)));
+};
+
+export class Engine implements Disposable {
+  readonly #handle: Handle;
+
+  /** Wraps a native engine handle (takes ownership). Prefer buildEngine, deserialize or load. */
+  constructor(handle: unknown) {
+    this.#handle = new Handle(handle, 'trtshim_engine_destroy', 'Engine', this);
+  }
+
+  static deserialize(bytes: Uint8Array): Engine {
+    // koffi passes an empty typed array as NULL; give C a valid pointer so it reports the short file.
+    const data = bytes.byteLength === 0 ? new Uint8Array(1) : bytes;
+    return new Engine(createHandle('trtshim_engine_deserialize', data, bytes.byteLength));
+  }
+
+  static load(path: string): Engine {
+    return new Engine(createHandle('trtshim_engine_load', path));
+  }
+
+  /** @internal the native handle (throws after dispose). */
+  get nativeHandle(): unknown {
+    return this.#handle.get();
+  }
+
+  get disposed(): boolean {
+    return this.#handle.disposed;
+  }
+
+  info(): EngineInfo {
+    const info: Record<string, unknown> = {};
+    call('trtshim_engine_get_info', this.#handle.get(), info);
+    return {
+      numLayers: num(info.num_layers),
+      numKernels: num(info.num_kernels),
+      numWeights: num(info.num_weights),
+      refittable: num(info.refittable) !== 0,
+      hasWeights: num(info.has_weights) !== 0,
+      weightPrecision: dtypeName(num(info.weight_precision)),
+      weightBytes: num(info.weight_bytes),
+      scratchBytes: num(info.scratch_bytes),
+    };
+  }
+
+  io(): IoDesc[] {
+    const h = this.#handle.get();
+    const raw: Record<string, unknown> = {};
+    call('trtshim_engine_get_info', h, raw);
+    const out: IoDesc[] = [];
+    for (let i = 0; i < num(raw.num_io); i++) {
+      const name: unknown[] = [null];
+      const isInput = [0];
+      const dtype = [0];
+      const rank = [0];
+      const dims = new BigInt64Array(MAX_RANK);
+      call('trtshim_engine_io', h, i, name, isInput, dtype, rank, dims);
+      out.push({ name: String(name[0]), isInput: isInput[0] !== 0, dtype: dtypeName(dtype[0]), shape: Array.from(dims.subarray(0, rank[0]), Number) });
+    }
+    return out;
+  }
+
+  weights(): EngineWeight[] {
+    const h = this.#handle.get();
+    const out: EngineWeight[] = [];
+    for (let i = 0; i < this.info().numWeights; i++) {
+      const name: unknown[] = [null];
+      const role = [0];
+      const dtype = [0];
+      const rank = [0];
+      const dims = new BigInt64Array(MAX_RANK);
+      const bytes: unknown[] = [0];
+      call('trtshim_engine_weight', h, i, name, role, dtype, rank, dims, bytes);
+      out.push({ layer: String(name[0]), role: roleName(role[0]), dtype: dtypeName(dtype[0]), shape: Array.from(dims.subarray(0, rank[0]), Number), bytes: num(bytes[0]) });
+    }
+    return out;
+  }
+
+  describe(): unknown {
+    const h = this.#handle.get();
+    let buffer = new Uint8Array(1 << 16);
+    const length: unknown[] = [0];
+    call('trtshim_engine_describe', h, buffer, buffer.byteLength, length);
+    if (num(length[0]) >= buffer.byteLength) {
+      buffer = new Uint8Array(num(length[0]) + 1);
+      call('trtshim_engine_describe', h, buffer, buffer.byteLength, length);
+    }
+    return JSON.parse(new TextDecoder().decode(buffer.subarray(0, num(length[0]))));
+  }
+
+  serialize(options: { includeWeights?: boolean } = {}): Uint8Array {
+    const h = this.#handle.get();
+    const include = options.includeWeights === false ? 0 : 1;
+    const size: unknown[] = [0];
+    call('trtshim_engine_serialized_size', h, include, size);
+    const buffer = new Uint8Array(num(size[0]));
+    const written: unknown[] = [0];
+    call('trtshim_engine_serialize', h, include, buffer, buffer.byteLength, written);
+    return buffer.subarray(0, num(written[0]));
+  }
+
+  save(path: string, options: { includeWeights?: boolean } = {}): void {
+    call('trtshim_engine_save', this.#handle.get(), path, options.includeWeights === false ? 0 : 1);
+  }
+
+  createContext(): ExecutionContext {
+    return new ExecutionContext(createHandle('trtshim_context_create', this.#handle.get()), this.io());
+  }
+
+  createRefitter(): Refitter {
+    return new Refitter(createHandle('trtshim_refitter_create', this.#handle.get()));
+  }
+
+  /** Runs once on a fresh context. */
+  run(inputs: Record<string, HostTensor>): Record<string, Float32Array> {
+    using context = this.createContext();
+    return context.run(inputs);
+  }
+
+  /** Stages every update and applies them together (all or nothing). */
+  refit(updates: ReadonlyArray<WeightUpdate>): void {
+    using refitter = this.createRefitter();
+    for (const u of updates) refitter.setWeights(u.layer, u.role, u.weights);
+    refitter.apply();
+  }
+
+  [Symbol.dispose](): void {
+    this.#handle.release();
+  }
+}
+
+export class ExecutionContext implements Disposable {
+  readonly #handle: Handle;
+  readonly #io: readonly IoDesc[];
+  // Buffers bound with setTensor: C keeps their pointers, so they must stay reachable.
+  readonly #bound = new Map<string, HostTensor>();
+  #running = 0;
+
+  /** @internal use Engine.createContext. */
+  constructor(handle: unknown, io: readonly IoDesc[]) {
+    this.#handle = new Handle(handle, 'trtshim_context_destroy', 'ExecutionContext', this);
+    this.#io = io;
+  }
+
+  setTensor(name: string, data: HostTensor): void {
+    call('trtshim_context_set_tensor', this.#handle.get(), name, data, bytesOf(data));
+    this.#bound.set(name, data);
+  }
+
+  execute(): void {
+    call('trtshim_context_execute', this.#handle.get());
+  }
+
+  /** Executes on a worker thread; the bound buffers stay referenced here until it settles. Disposing the
+   *  context before the promise settles is not allowed (it throws). */
+  executeAsync(): Promise<void> {
+    const handle = this.#handle.get();
+    this.#running++;
+    return new Promise<void>((resolve, reject) => {
+      native('trtshim_context_execute').async(handle, (err: unknown, status: number) => {
+        this.#running--;
+        if (err) reject(err);
+        else {
+          try {
+            check('trtshim_context_execute', status);
+            resolve();
+          } catch (e) {
+            reject(e);
+          }
+        }
+      });
+    });
+  }
+
+  /** Binds the inputs and fresh output buffers, executes, and returns the outputs by name. */
+  run(inputs: Record<string, HostTensor>): Record<string, Float32Array> {
+    this.#handle.get();
+    for (const [name, data] of Object.entries(inputs)) this.setTensor(name, data);
+    const outputs: Record<string, Float32Array> = {};
+    for (const d of this.#io) {
+      if (d.isInput) continue;
+      const buffer = new Float32Array(d.shape.reduce((a, b) => a * b, 1));
+      this.setTensor(d.name, buffer);
+      outputs[d.name] = buffer;
+    }
+    this.execute();
+    return outputs;
+  }
+
+  [Symbol.dispose](): void {
+    if (this.#running > 0) throw new Error('ExecutionContext disposed while an executeAsync is running');
+    this.#handle.release();
+    this.#bound.clear();
+  }
+}
+
+export class Refitter implements Disposable {
+  readonly #handle: Handle;
+  // Staged values: C stores the pointers without copying until apply returns or the refitter dies.
+  readonly #staged = new Map<string, Weights['data']>();
+
+  /** @internal use Engine.createRefitter. */
+  constructor(handle: unknown) {
+    this.#handle = new Handle(handle, 'trtshim_refitter_destroy', 'Refitter', this);
+  }
+
+  setWeights(layer: string, role: WeightRole, weights: Weights): void {
+    call('trtshim_refitter_set_weights', this.#handle.get(), layer, Role[role], nativeWeights(weights));
+    this.#staged.set(`${layer}\u0000${role}`, weights.data);
+  }
+
+  setCheckFinite(check: boolean): void {
+    call('trtshim_refitter_set_check_finite', this.#handle.get(), check ? 1 : 0);
+  }
+
+  missing(): Array<{ layer: string; role: WeightRole }> {
+    const h = this.#handle.get();
+    const count = [0];
+    call('trtshim_refitter_missing_count', h, count);
+    const out: Array<{ layer: string; role: WeightRole }> = [];
+    for (let i = 0; i < count[0]; i++) {
+      const name: unknown[] = [null];
+      const role = [0];
+      call('trtshim_refitter_missing', h, i, name, role);
+      out.push({ layer: String(name[0]), role: roleName(role[0]) });
+    }
+    return out;
+  }
+
+  /** Runs every check apply would run on what is staged; changes nothing and keeps the staged weights
+   *  (so a model of several engines can validate all before applying any). */
+  validate(): void {
+    call('trtshim_refitter_validate', this.#handle.get());
+  }
+
+  apply(): void {
+    try {
+      call('trtshim_refitter_apply', this.#handle.get());
+    } finally {
+      this.#staged.clear(); // C clears its staged pointers whether or not apply succeeded
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.#handle.release();
+    this.#staged.clear();
+  }
+}
+
+/** Reads an engine file into memory and deserializes it (Engine.load maps the file in C instead). */
+export const readEngineFile = (path: string): Engine => Engine.deserialize(new Uint8Array(readFileSync(path)));
+
+/** True for the error a refit or execute raises when the engine state forbids it. */
+export const isStateError = (e: unknown): boolean => e instanceof NativeError && e.status === Status.STATE;
