@@ -227,6 +227,7 @@ const prototypes = {
   trtshim_refitter_missing:
     'int32_t trtshim_refitter_missing(trtshim_refitter *refitter, int32_t index, _Out_ const char **name, _Out_ int32_t *role)',
   trtshim_refitter_apply: 'int32_t trtshim_refitter_apply(trtshim_refitter *refitter)',
+  trtshim_refitter_validate: 'int32_t trtshim_refitter_validate(trtshim_refitter *refitter)',
 
   trtshim_mapping_open: 'int32_t trtshim_mapping_open(const char *path, _Out_ trtshim_mapping **out)',
   trtshim_mapping_close: 'void trtshim_mapping_close(trtshim_mapping *mapping)',

@@ -353,6 +353,10 @@ TRTSHIM_API trtshim_status trtshim_refitter_missing(trtshim_refitter *refitter, 
    failure the engine is exactly as before and the message names the weight. Staged weights are cleared
    afterwards, whether it succeeded or not. Fails with TRTSHIM_ERR_STATE while a context is executing. */
 TRTSHIM_API trtshim_status trtshim_refitter_apply(trtshim_refitter *refitter);
+/* Runs every check apply would run on the staged weights (missing weights, finiteness where asked),
+   changes nothing and keeps the staged weights. Lets a caller validate the refits of several engines
+   before applying any. apply validates again itself. */
+TRTSHIM_API trtshim_status trtshim_refitter_validate(trtshim_refitter *refitter);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Files and dtype conversion (used by the safetensors reader)                                     */
