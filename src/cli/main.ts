@@ -1,0 +1,63 @@
+/**
+ * The `trt-refit` command line. `main(argv)` returns the exit code:
+ *   0 success, 1 a check failed (the demo's output check), 2 bad usage or bad input, 3 an internal error.
+ * Errors print as one line; `--verbose` adds the stack. `--json` prints one JSON document on stdout.
+ */
+import { Command, CommanderError } from 'commander';
+import { runDemo, type DemoReport } from '../demo/run.js';
+
+export const ExitCode = { ok: 0, checkFailed: 1, badInput: 2, internal: 3 } as const;
+
+interface GlobalOptions {
+  json?: boolean;
+  verbose?: boolean;
+}
+
+const printDemo = (report: DemoReport): void => {
+  for (const model of report.models) {
+    console.log(`\n${model.name}`);
+    for (const step of model.steps) {
+      const check = step.check === undefined ? '' : step.check.pass ? `  ok (max error ${step.check.maxError.toExponential(2)})` : `  FAILED (max error ${step.check.maxError.toExponential(2)})`;
+      console.log(`  ${step.step.padEnd(28)} ${(step.seconds * 1000).toFixed(1).padStart(9)} ms${check}`);
+    }
+  }
+  console.log(`\n${report.pass ? 'all output checks passed' : 'some output checks FAILED'}`);
+};
+
+/** Runs the CLI; never throws. */
+export const main = async (argv: readonly string[]): Promise<number> => {
+  let exitCode: number = ExitCode.ok;
+  const program = new Command()
+    .name('trt-refit')
+    .description('compile models into engines once, then refit their weights in place')
+    .option('--json', 'print machine-readable JSON')
+    .option('--verbose', 'print stacks with errors')
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+
+  program
+    .command('demo')
+    .description('build engines for the shipped fixtures, refit them to new weights, check outputs against PyTorch')
+    .option('--fixtures <dir>', 'fixtures folder (default: ../shared/fixtures beside the package)')
+    .action(async (options: { fixtures?: string }) => {
+      const global = program.opts<GlobalOptions>();
+      const report = await runDemo({ fixturesDir: options.fixtures });
+      if (global.json) console.log(JSON.stringify(report, null, 2));
+      else printDemo(report);
+      exitCode = report.pass ? ExitCode.ok : ExitCode.checkFailed;
+    });
+
+  try {
+    await program.parseAsync(argv as string[], { from: 'user' });
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      return error.exitCode === 0 ? ExitCode.ok : ExitCode.badInput;
+    }
+    const verbose = program.opts<GlobalOptions>().verbose === true;
+    const e = error as Error & { _tag?: string };
+    console.error(`trt-refit: ${e.message}`);
+    if (verbose && e.stack !== undefined) console.error(e.stack);
+    return e._tag !== undefined ? ExitCode.badInput : ExitCode.internal;
+  }
+  return exitCode;
+};
