@@ -1,0 +1,11 @@
+export * from './expr.js';
+export * from './evaluate.js';
+export * from './store.js';
+export * from './fingerprint.js';
+export * from './digest.js';
+export * from './untie.js';
+export * from './prepare.js';
+export * from './scopes.js';
+export { CheckpointIndex, normalizeName, nameScore, pickByHints, WRAPPER_PREFIXES, BN_EPSILONS, FOLD_TOLERANCE_ULPS, type Match, type MatchMethod, type MatchRequest } from './match.js';
+export * from './map.js';
+export * from './build.js';
