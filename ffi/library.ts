@@ -234,6 +234,10 @@ const prototypes = {
   trtshim_mapping_data: 'int32_t trtshim_mapping_data(const trtshim_mapping *mapping, _Out_ void **data, _Out_ uint64_t *size)',
   trtshim_convert_to_f32: 'int32_t trtshim_convert_to_f32(int32_t src_dtype, const void *src, float *dst, uint64_t count)',
   trtshim_convert_from_f32: 'int32_t trtshim_convert_from_f32(const float *src, int32_t dst_dtype, void *dst, uint64_t count)',
+
+  // (streaming section)
+
+  // (transforms section)
 } as const;
 
 export type NativeFunctionName = keyof typeof prototypes;

@@ -376,6 +376,18 @@ TRTSHIM_API trtshim_status trtshim_convert_to_f32(trtshim_dtype src_dtype, const
 TRTSHIM_API trtshim_status trtshim_convert_from_f32(const float *src, trtshim_dtype dst_dtype, void *dst,
                                                     uint64_t count);
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Weight streaming                                                                                */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* (streaming section) */
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Weight transforms (checkpoint tensors -> network weights, for the refit effect layer)           */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* (transforms section) */
+
 #ifdef __cplusplus
 }
 #endif
