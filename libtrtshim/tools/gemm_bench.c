@@ -1,6 +1,8 @@
 /* gemm_bench.c: GFLOP/s of the GEMM tactics on one problem (default 1024 x 1024 x 1024), beside a naive
  * triple loop and the system BLAS (cblas_sgemm, loaded with dlopen where one is installed).
  *
+ * Also the quantized formats (int8, fp8 e4m3, int4 with groups of 128), widened inside the GEMM.
+ *
  *   gemm_bench [M N K] [--repeats R]   prints one JSON object on stdout
  */
 #include <dlfcn.h>
@@ -27,6 +29,12 @@ typedef struct {
     trtshim_dtype dtype;
     void (*sgemm)(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
 } bench_case;
+
+static gemm_quant_format quant_format;
+static void run_quant(bench_case *x) {
+    gemm_quant_run(x->tactic, quant_format, x->M, x->N, x->K, x->a, x->K, x->packed, NULL, TRTSHIM_UNARY_IDENTITY, x->c,
+                   x->N, x->threads);
+}
 
 static void run_ours(bench_case *x) {
     gemm_run(x->tactic, x->M, x->N, x->K, x->a, x->K, x->packed, x->dtype, NULL, TRTSHIM_UNARY_IDENTITY, x->c, x->N,
@@ -111,6 +119,20 @@ int main(int argc, char **argv) {
     pack(&x);
     printf(", \"gflops_bfloat16\": %.3f},\n", gflops(run_ours, &x, repeats, 1));
     fflush(stdout);
+
+    /* Quantized weights, widened inside the GEMM (best tactic, all threads). */
+    static const struct { const char *name; gemm_quant_format format; } quant[] = {
+        {"int8", {GEMM_QUANT_INT8, 0}}, {"fp8_e4m3", {GEMM_QUANT_FP8_E4M3, 0}}, {"int4_g128", {GEMM_QUANT_INT4, 128}}};
+    printf("  \"quantized\": [");
+    for (size_t q = 0; q < sizeof quant / sizeof quant[0]; q++) {
+        quant_format = quant[q].format;
+        free(x.packed);
+        x.packed = malloc(gemm_quant_packed_bytes(quant_format, x.K, x.N));
+        gemm_quant_pack_columns(quant_format, x.b, 0, x.N, x.K, x.N, 0, x.N, x.packed);
+        printf("%s{\"format\": \"%s\", \"gflops\": %.3f}", q ? ", " : "", quant[q].name, gflops(run_quant, &x, repeats, 1));
+        fflush(stdout);
+    }
+    printf("],\n");
 
     printf("  \"naive\": {\"gflops\": %.3f},\n", gflops(run_naive, &x, 1, 0));
 
