@@ -1,9 +1,9 @@
 /**
  * trace-scale: import (ONNX bytes -> Graph), shape inference + folding, and partition time for synthetic
  * graphs of 1k, 10k and 100k nodes (growth should be linear: the per-node ratios compare each size with
- * 1k), and the run latency of each fixture through our compiled model against the same model entirely
- * on ONNX Runtime, in the same run. The engine here is the reference evaluator until the native engine
- * is wired into CompiledModel.
+ * 1k), and the run latency of each fixture through our compiled model (engine segments on the native
+ * libtrtshim engine, the rest on ONNX Runtime) against the same model entirely on ONNX Runtime, in the
+ * same run.
  */
 import * as E from 'fp-ts/lib/Either.js';
 import { existsSync } from 'node:fs';
@@ -17,6 +17,7 @@ import { partitionGraph } from '../src/partition/index.js';
 import { encodeSegmentModel } from '../src/fallback/model.js';
 import { traceOnnx } from '../src/trace/load.js';
 import { compileModel } from '../src/partition/compiled.js';
+import { nativeEngine } from '../src/partition/native.js';
 import { readSafetensors } from '../test/support/h5-safetensors.js';
 
 /** A transformer-like chain: MatMul, Add bias, an activation, and every fifth node a fallback-only op. */
@@ -26,9 +27,17 @@ const synthetic = (nodes: number): Graph => {
   const w = b.initializer('w', tensorOf('float32', [8, 8], new Array(64).fill(0.01)));
   const bias = b.initializer('bias', tensorOf('float32', [8], new Array(8).fill(0.1)));
   const zero = b.constant('zero', 'float32', [], [0]);
-  for (let i = 0; b.build().nodes.length < nodes; i++) {
-    if (i % 5 === 4) t = b.op('Where', [b.op('IsNaN', [t]), zero, t]);
-    else t = b.op(['MatMul', 'Add', 'Relu', 'Tanh'][i % 4], i % 4 === 0 ? [t, w] : i % 4 === 1 ? [t, bias] : [t]);
+  // Counted here: calling b.build() per step would copy the node list each time (quadratic, and its
+  // garbage slowed the timed phases of the 100k graph).
+  let count = 1; // the Constant node
+  for (let i = 0; count < nodes; i++) {
+    if (i % 5 === 4) {
+      t = b.op('Where', [b.op('IsNaN', [t]), zero, t]);
+      count += 2;
+    } else {
+      t = b.op(['MatMul', 'Add', 'Relu', 'Tanh'][i % 4], i % 4 === 0 ? [t, w] : i % 4 === 1 ? [t, bias] : [t]);
+      count += 1;
+    }
   }
   b.output(t);
   return b.build();
@@ -38,6 +47,7 @@ export const run = async (): Promise<void> => {
   const figures: Record<string, Figure> = {};
   const ratios: Record<string, number> = {};
   const perNode: Record<number, number> = {};
+  const phases: Record<number, { import: number; infer: number; partition: number }> = {};
   for (const size of [1_000, 10_000, 100_000]) {
     const graph = synthetic(size);
     const opset = graph.opset;
@@ -60,9 +70,11 @@ export const run = async (): Promise<void> => {
     figures[`infer_${size}`] = { value: inferS * 1e3, unit: 'ms' };
     figures[`partition_${size}`] = { value: partS * 1e3, unit: 'ms' };
     perNode[size] = total / size;
+    phases[size] = { import: importS / size, infer: inferS / size, partition: partS / size };
   }
   ratios['per_node_time_10k_vs_1k'] = perNode[10_000] / perNode[1_000];
   ratios['per_node_time_100k_vs_1k'] = perNode[100_000] / perNode[1_000];
+  for (const phase of ['import', 'infer', 'partition'] as const) ratios[`per_node_${phase}_100k_vs_1k`] = phases[100_000][phase] / phases[1_000][phase];
 
   const fixtures = '/work/shared/fixtures';
   for (const model of ['mlp', 'cnn_bn', 'bert_tiny', 'gpt2_tiny']) {
@@ -70,13 +82,16 @@ export const run = async (): Promise<void> => {
     if (!existsSync(path)) continue;
     const analyzed = await traceOnnx(path);
     const inputs = readSafetensors(join(fixtures, model, 'inputs.safetensors'));
-    using ours = await compileModel(analyzed);
+    using ours = await compileModel(analyzed, { engine: nativeEngine() });
     using ort = await compileModel(analyzed, { forcedFallback: ['*'] });
     const oursS = await bestOf(10, () => ours.run(inputs), 2);
     const ortS = await bestOf(10, () => ort.run(inputs), 2);
     figures[`run_${model}_ours`] = { value: oursS * 1e3, unit: 'ms' };
     figures[`run_${model}_onnxruntime`] = { value: ortS * 1e3, unit: 'ms' };
     ratios[`run_${model}_ours_vs_onnxruntime`] = oursS / ortS;
+    const segments = ours.segments();
+    figures[`segments_${model}_engine`] = { value: segments.filter((s) => s.kind === 'engine').length, unit: 'segments' };
+    figures[`segments_${model}_fallback`] = { value: segments.filter((s) => s.kind === 'fallback').length, unit: 'segments' };
   }
   writeResult('trace-scale', figures, ratios);
 };

@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { traceOnnx } from '../src/trace/load.js';
 import { analyzeGraph } from '../src/trace/analyze.js';
-import { compileModel } from '../src/partition/compiled.js';
+import { compileModel, referenceEngine } from '../src/partition/compiled.js';
 import { GraphBuilder } from '../src/trace/builder.js';
 import { tensorOf } from '../src/trace/ir.js';
 import { printProvenance, provenanceSources } from '../src/trace/provenance.js';
@@ -20,7 +20,7 @@ const models = ['mlp', 'cnn_bn', 'bert_tiny', 'gpt2_tiny'].flatMap((m) =>
 describe('lowered engine segments (reference evaluator as the engine)', () => {
   it.each(models)('%s matches PyTorch', async (path) => {
     const analyzed = await traceOnnx(path);
-    using model = await compileModel(analyzed);
+    using model = await compileModel(analyzed, { engine: referenceEngine });
     const segments = model.segments();
     expect(segments.some((s) => s.kind === 'engine')).toBe(true);
     const inputs = readSafetensors(join(path, '..', 'inputs.safetensors'));

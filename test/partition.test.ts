@@ -33,6 +33,8 @@ const checkPartition = (a: AnalyzedGraph, p: Partition, minSize: number, forced:
     for (const o of local) available.add(o);
     if (s.kind === 'engine') {
       expect(s.nodes.length).toBeGreaterThanOrEqual(minSize);
+      // Engines hand only float32 tensors to other segments.
+      for (const o of s.outputs) expect(a.types.get(o)?.dtype).toBe('float32');
       for (const n of s.nodes) expect(forced.includes(n.opType)).toBe(false);
     }
   }

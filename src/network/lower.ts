@@ -44,12 +44,40 @@ export interface LowerContext {
   readonly analyzed: AnalyzedGraph;
   /** Tensors some node or graph output reads. */
   readonly used: ReadonlySet<string>;
+  /** Run-time integer tensors that only reshape index tensors on their way to Gather (see indexOnly). */
+  readonly indexOnly: ReadonlySet<string>;
 }
+
+const reshapeOps = new Set(['Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 'Identity']);
 
 export const lowerContext = (analyzed: AnalyzedGraph): LowerContext => {
   const used = new Set<string>(analyzed.graph.outputs);
-  for (const n of analyzed.graph.nodes) for (const i of n.inputs) if (i !== '') used.add(i);
-  return { analyzed, used };
+  const readers = new Map<string, { node: Node; input: number }[]>();
+  for (const n of analyzed.graph.nodes) {
+    n.inputs.forEach((i, k) => {
+      if (i === '') return;
+      used.add(i);
+      let list = readers.get(i);
+      if (!list) readers.set(i, (list = []));
+      list.push({ node: n, input: k });
+    });
+  }
+  // An integer tensor produced by a reshape-like node is "index only" when every reader is a Gather
+  // taking it as indices, or another such reshape: the engine has no integer reshape, but
+  // Gather(data, reshape(i)) is reshape(Gather(data, i)), so such reshapes lower to nothing.
+  // Walked backwards so a reshape's readers are decided before the reshape itself.
+  const outputs = new Set(analyzed.graph.outputs);
+  const indexOnly = new Set<string>();
+  for (let k = analyzed.graph.nodes.length - 1; k >= 0; k--) {
+    const n = analyzed.graph.nodes[k];
+    if (!reshapeOps.has(n.opType) || analyzed.folded.has(n.name)) continue;
+    const o = n.outputs[0];
+    const t = analyzed.types.get(o);
+    if (o === undefined || o === '' || outputs.has(o) || t === undefined || (t.dtype !== 'int32' && t.dtype !== 'int64')) continue;
+    const r = readers.get(o) ?? [];
+    if (r.length > 0 && r.every(({ node, input }) => (node.opType === 'Gather' && input === 1) || (reshapeOps.has(node.opType) && indexOnly.has(node.outputs[0])))) indexOnly.add(o);
+  }
+  return { analyzed, used, indexOnly };
 };
 
 interface Emitted {
@@ -57,6 +85,10 @@ interface Emitted {
   readonly weights: WeightOrigin[];
   /** Constant tensors turned into constant layers, by tensor name: shared within a segment. */
   readonly constantLayers: Map<string, string>;
+  /** Index-only tensors (LowerContext.indexOnly) emitted in this segment -> the tensor they reshape. */
+  readonly indexAliases: Map<string, string>;
+  /** Only deciding support (the partitioner): weight values are not transformed. */
+  readonly checkOnly?: boolean;
 }
 
 class Unsupported {
@@ -103,132 +135,165 @@ export const lowerNode = (ctx: LowerContext, node: Node, out: Emitted): E.Either
 
 /** True when the engine can run this node (used by the partitioner). */
 export const engineSupports = (ctx: LowerContext, node: Node): E.Either<string, void> =>
-  lowerNode(ctx, node, { layers: [], weights: [], constantLayers: new Map() });
+  lowerNode(ctx, node, { layers: [], weights: [], constantLayers: new Map(), indexAliases: new Map(), checkOnly: true });
 
-const lowerNodeOrThrow = (ctx: LowerContext, node: Node, out: Emitted): void => {
-  const { analyzed } = ctx;
-  const type = (name: string): TensorType => analyzed.types.get(name)!;
-  const constant = (i: number): Constant | undefined => (node.inputs[i] ? analyzed.constants.get(node.inputs[i]) : undefined);
-  const present = (i: number): boolean => (node.inputs[i] ?? '') !== '';
-  const layerName = (suffix?: string) => (suffix === undefined ? node.name : `${node.name}/${suffix}`);
-  const push = (layer: Layer) => out.layers.push(layer);
-  const weight = (layer: string, role: WeightRole, provenance: Provenance) => out.weights.push({ layer, role, provenance });
-
-  // Run-time tensors that cross into or out of the engine must be float32 (index tensors: see Gather).
-  node.outputs.forEach((o, i) => {
-    if (o !== '' && (i === 0 || ctx.used.has(o)) && type(o).dtype !== 'float32') no(`output '${o}' is ${type(o).dtype}; engine activations are float32`);
-  });
-  if (node.outputs.slice(1).some((o) => o !== '' && ctx.used.has(o)) && node.opType !== 'Split') no('only the first output may be used');
-  const output = node.outputs[0];
-
+/** The helpers one node's lowering uses; methods (not per-node closures) keep the partitioner's
+ *  per-node support test cheap. */
+class NodeLowering {
+  constructor(
+    readonly ctx: LowerContext,
+    readonly node: Node,
+    readonly out: Emitted,
+  ) {}
+  type(name: string): TensorType {
+    return this.ctx.analyzed.types.get(name)!;
+  }
+  constant(i: number): Constant | undefined {
+    return this.node.inputs[i] ? this.ctx.analyzed.constants.get(this.node.inputs[i]) : undefined;
+  }
+  present(i: number): boolean {
+    return (this.node.inputs[i] ?? '') !== '';
+  }
+  layerName(suffix?: string): string {
+    return suffix === undefined ? this.node.name : `${this.node.name}/${suffix}`;
+  }
+  push(layer: Layer): void {
+    this.out.layers.push(layer);
+  }
+  weight(layer: string, role: WeightRole, provenance: Provenance): void {
+    this.out.weights.push({ layer, role, provenance });
+  }
   /** The network tensor for input i: the run-time tensor itself, or a constant layer holding the constant. */
-  const operand = (i: number, allowIndex = false): string => {
-    const name = node.inputs[i];
-    if (!present(i)) return no(`input ${i} is missing`);
-    const c = analyzed.constants.get(name);
+  operand(i: number, allowIndex = false): string {
+    const name = this.node.inputs[i];
+    if (!this.present(i)) return no(`input ${i} is missing`);
+    const c = this.ctx.analyzed.constants.get(name);
     if (c === undefined) {
-      const dtype = type(name).dtype;
+      const dtype = this.type(name).dtype;
       if (dtype !== 'float32' && !(allowIndex && (dtype === 'int32' || dtype === 'int64'))) no(`input '${name}' is ${dtype} at run time`);
       return name;
     }
     if (!isFloat(c.tensor.dtype) && !allowIndex) no(`constant input '${name}' is ${c.tensor.dtype}`);
-    const existing = out.constantLayers.get(name);
+    const existing = this.out.constantLayers.get(name);
     if (existing !== undefined) return existing;
     const layer = `const:${name}`;
-    push({ kind: 'constant', name: layer, output: layer, weights: toWeights(c.tensor, `constant '${name}'`) });
-    weight(layer, 'constant', c.provenance);
-    out.constantLayers.set(name, layer);
+    this.push({ kind: 'constant', name: layer, output: layer, weights: toWeights(c.tensor, `constant '${name}'`) });
+    this.weight(layer, 'constant', c.provenance);
+    this.out.constantLayers.set(name, layer);
     return layer;
-  };
-  const runtime = (i: number): string => {
-    if (constant(i) !== undefined) no(`input ${i} is a constant where a run-time tensor is expected`);
-    return operand(i);
-  };
-  const needConstant = (i: number, what: string): Constant => constant(i) ?? no(`${what} (input ${i}) is computed at run time; the engine needs it constant`);
+  }
+  runtime(i: number): string {
+    if (this.constant(i) !== undefined) no(`input ${i} is a constant where a run-time tensor is expected`);
+    return this.operand(i);
+  }
+  needConstant(i: number, what: string): Constant {
+    return this.constant(i) ?? no(`${what} (input ${i}) is computed at run time; the engine needs it constant`);
+  }
+  reshapeTo(input: string, shape: readonly number[]): void {
+    this.push({ kind: 'reshape', name: this.layerName(), output: this.node.outputs[0], input, shape });
+  }
+}
 
-  const reshapeTo = (input: string, shape: readonly number[]) => push({ kind: 'reshape', name: layerName(), output, input, shape });
+const lowerNodeOrThrow = (ctx: LowerContext, node: Node, out: Emitted): void => {
+  const { analyzed } = ctx;
+  const L = new NodeLowering(ctx, node, out);
+
+  // A reshape of an index tensor that only Gather reads: no layer, the Gather reads the original.
+  if (reshapeOps.has(node.opType) && ctx.indexOnly.has(node.outputs[0])) {
+    const source = node.inputs[0];
+    if (analyzed.constants.has(source)) no('constant index tensor');
+    out.indexAliases.set(node.outputs[0], out.indexAliases.get(source) ?? source);
+    return;
+  }
+  // Run-time tensors that cross into or out of the engine must be float32 (index tensors: see Gather).
+  for (let i = 0; i < node.outputs.length; i++) {
+    const o = node.outputs[i];
+    if (o !== '' && (i === 0 || ctx.used.has(o)) && L.type(o).dtype !== 'float32') no(`output '${o}' is ${L.type(o).dtype}; engine activations are float32`);
+    if (i > 0 && o !== '' && ctx.used.has(o) && node.opType !== 'Split') no('only the first output may be used');
+  }
+  const output = node.outputs[0];
 
   const unary = unaryOps[node.opType];
   if (unary !== undefined) {
-    push({ kind: 'unary', name: layerName(), output, input: runtime(0), op: unary });
+    L.push({ kind: 'unary', name: L.layerName(), output, input: L.runtime(0), op: unary });
     return;
   }
   const binary = binaryOps[node.opType];
   if (binary !== undefined) {
     if (node.inputs.length !== 2) no('expects two inputs');
-    push({ kind: 'elementwise', name: layerName(), output, a: operand(0), b: operand(1), op: binary });
+    L.push({ kind: 'elementwise', name: L.layerName(), output, a: L.operand(0), b: L.operand(1), op: binary });
     return;
   }
 
   switch (node.opType) {
     case 'Cast':
     case 'Dropout':
-      if (type(node.inputs[0]).dtype !== 'float32' || type(output).dtype !== 'float32') no('only float32 to float32');
-      push({ kind: 'unary', name: layerName(), output, input: runtime(0), op: 'identity' });
+      if (L.type(node.inputs[0]).dtype !== 'float32' || L.type(output).dtype !== 'float32') no('only float32 to float32');
+      L.push({ kind: 'unary', name: L.layerName(), output, input: L.runtime(0), op: 'identity' });
       return;
     case 'Gelu': {
       const approximate = attrString(node, 'approximate', 'none');
-      push({ kind: 'unary', name: layerName(), output, input: runtime(0), op: approximate === 'tanh' ? 'gelu_tanh' : 'gelu_erf' });
+      L.push({ kind: 'unary', name: L.layerName(), output, input: L.runtime(0), op: approximate === 'tanh' ? 'gelu_tanh' : 'gelu_erf' });
       return;
     }
     case 'HardSigmoid':
       if (Math.abs(attrFloat(node, 'alpha', 0.2) - 1 / 6) > 1e-6 || Math.abs(attrFloat(node, 'beta', 0.5) - 0.5) > 1e-7) no('only alpha 1/6 and beta 0.5');
-      push({ kind: 'unary', name: layerName(), output, input: runtime(0), op: 'hardsigmoid' });
+      L.push({ kind: 'unary', name: L.layerName(), output, input: L.runtime(0), op: 'hardsigmoid' });
       return;
     case 'Softmax':
-      push({ kind: 'softmax', name: layerName(), output, input: runtime(0), axis: attrInt(node, 'axis', -1) });
+      L.push({ kind: 'softmax', name: L.layerName(), output, input: L.runtime(0), axis: attrInt(node, 'axis', -1) });
       return;
     case 'MatMul': {
-      const a = type(node.inputs[0]);
-      const b = type(node.inputs[1]);
+      const a = L.type(node.inputs[0]);
+      const b = L.type(node.inputs[1]);
       if (a.shape.length < 2 || b.shape.length < 2) no('operands of rank 1');
-      const weightB = constant(1);
-      if (weightB !== undefined && b.shape.length === 2 && isFloat(weightB.tensor.dtype) && constant(0) === undefined) {
+      const weightB = L.constant(1);
+      if (weightB !== undefined && b.shape.length === 2 && isFloat(weightB.tensor.dtype) && L.constant(0) === undefined) {
         // x @ B == fullyConnected with kernel B^T ([out, in], the torch.nn.Linear layout).
-        const name = layerName();
-        const kernel = transposeTensor(weightB.tensor, [1, 0]);
-        push({ kind: 'fullyConnected', name, output, input: runtime(0), outFeatures: b.shape[1], kernel: toWeights(kernel, 'MatMul weight') });
-        weight(name, 'kernel', transposeOf(weightB.provenance, [1, 0], name));
+        const name = L.layerName();
+        const kernel = out.checkOnly ? weightB.tensor : transposeTensor(weightB.tensor, [1, 0]);
+        L.push({ kind: 'fullyConnected', name, output, input: L.runtime(0), outFeatures: b.shape[1], kernel: toWeights(kernel, 'MatMul weight') });
+        L.weight(name, 'kernel', transposeOf(weightB.provenance, [1, 0], name));
         return;
       }
-      push({ kind: 'matrixMultiply', name: layerName(), output, a: operand(0), transposeA: false, b: operand(1), transposeB: false });
+      L.push({ kind: 'matrixMultiply', name: L.layerName(), output, a: L.operand(0), transposeA: false, b: L.operand(1), transposeB: false });
       return;
     }
     case 'Gemm': {
       if (attrFloat(node, 'alpha', 1) !== 1 || attrFloat(node, 'beta', 1) !== 1) no('alpha and beta other than 1');
       if (attrInt(node, 'transA', 0) !== 0) no('transA');
       const transB = attrInt(node, 'transB', 0) === 1;
-      const n = type(output).shape[1];
-      const weightB = constant(1);
-      const bias = present(2) ? needConstant(2, 'C') : undefined;
+      const n = L.type(output).shape[1];
+      const weightB = L.constant(1);
+      const bias = L.present(2) ? L.needConstant(2, 'C') : undefined;
       if (bias !== undefined && elementCount(bias.tensor.shape) !== n) no(`C of shape [${bias.tensor.shape}] is not one value per output column`);
       if (weightB === undefined || !isFloat(weightB.tensor.dtype)) {
-        const mm = bias ? layerName('matmul') : layerName();
-        push({ kind: 'matrixMultiply', name: mm, output: mm === layerName() ? output : mm, a: runtime(0), transposeA: false, b: operand(1), transposeB: transB });
-        if (bias) push({ kind: 'elementwise', name: layerName(), output, a: mm, b: operand(2), op: 'add' });
+        const mm = bias ? L.layerName('matmul') : L.layerName();
+        L.push({ kind: 'matrixMultiply', name: mm, output: mm === L.layerName() ? output : mm, a: L.runtime(0), transposeA: false, b: L.operand(1), transposeB: transB });
+        if (bias) L.push({ kind: 'elementwise', name: L.layerName(), output, a: mm, b: L.operand(2), op: 'add' });
         return;
       }
-      const name = layerName();
-      const kernel = transB ? weightB.tensor : transposeTensor(weightB.tensor, [1, 0]);
+      const name = L.layerName();
+      const kernel = transB || out.checkOnly ? weightB.tensor : transposeTensor(weightB.tensor, [1, 0]);
       const biasWeights = bias && toWeights({ ...bias.tensor, shape: [n] }, 'Gemm bias');
-      push({ kind: 'fullyConnected', name, output, input: runtime(0), outFeatures: n, kernel: toWeights(kernel, 'Gemm weight'), ...(biasWeights ? { bias: biasWeights } : {}) });
-      weight(name, 'kernel', transB ? weightB.provenance : transposeOf(weightB.provenance, [1, 0], name));
-      if (bias) weight(name, 'bias', bias.tensor.shape.length === 1 ? bias.provenance : reshapeOf(bias.provenance, [n], name));
+      L.push({ kind: 'fullyConnected', name, output, input: L.runtime(0), outFeatures: n, kernel: toWeights(kernel, 'Gemm weight'), ...(biasWeights ? { bias: biasWeights } : {}) });
+      L.weight(name, 'kernel', transB ? weightB.provenance : transposeOf(weightB.provenance, [1, 0], name));
+      if (bias) L.weight(name, 'bias', bias.tensor.shape.length === 1 ? bias.provenance : reshapeOf(bias.provenance, [n], name));
       return;
     }
     case 'Conv': {
-      const x = type(node.inputs[0]);
+      const x = L.type(node.inputs[0]);
       if (x.shape.length !== 4) no('only 2-D convolution');
       const autoPad = attrString(node, 'auto_pad', 'NOTSET');
       if (autoPad !== 'NOTSET' && autoPad !== 'VALID') no(`auto_pad ${autoPad}`);
-      const w = needConstant(1, 'W');
-      const b = present(2) ? needConstant(2, 'B') : undefined;
+      const w = L.needConstant(1, 'W');
+      const b = L.present(2) ? L.needConstant(2, 'B') : undefined;
       const pads = autoPad === 'VALID' ? [0, 0, 0, 0] : attrInts(node, 'pads') ?? [0, 0, 0, 0];
       const strides = attrInts(node, 'strides') ?? [1, 1];
       const dilations = attrInts(node, 'dilations') ?? [1, 1];
-      const name = layerName();
-      push({
-        kind: 'convolution', name, output, input: runtime(0),
+      const name = L.layerName();
+      L.push({
+        kind: 'convolution', name, output, input: L.runtime(0),
         params: {
           outChannels: w.tensor.shape[0], kernel: [w.tensor.shape[2], w.tensor.shape[3]], stride: [strides[0], strides[1]],
           padding: [pads[0], pads[1], pads[2], pads[3]], dilation: [dilations[0], dilations[1]], groups: attrInt(node, 'group', 1),
@@ -236,71 +301,71 @@ const lowerNodeOrThrow = (ctx: LowerContext, node: Node, out: Emitted): void => 
         kernel: toWeights(w.tensor, 'Conv weight'),
         ...(b ? { bias: toWeights(b.tensor, 'Conv bias') } : {}),
       });
-      weight(name, 'kernel', w.provenance);
-      if (b) weight(name, 'bias', b.provenance);
+      L.weight(name, 'kernel', w.provenance);
+      if (b) L.weight(name, 'bias', b.provenance);
       return;
     }
     case 'BatchNormalization': {
       if (attrInt(node, 'training_mode', 0) !== 0) no('training mode');
-      if (type(node.inputs[0]).shape.length < 2) no('input of rank below 2');
-      const [scale, shift, mean, variance] = [1, 2, 3, 4].map((i) => needConstant(i, ['scale', 'B', 'mean', 'var'][i - 1]));
-      const name = layerName();
-      push({
-        kind: 'batchNorm', name, output, input: runtime(0), epsilon: attrFloat(node, 'epsilon', 1e-5),
+      if (L.type(node.inputs[0]).shape.length < 2) no('input of rank below 2');
+      const [scale, shift, mean, variance] = [1, 2, 3, 4].map((i) => L.needConstant(i, ['scale', 'B', 'mean', 'var'][i - 1]));
+      const name = L.layerName();
+      L.push({
+        kind: 'batchNorm', name, output, input: L.runtime(0), epsilon: attrFloat(node, 'epsilon', 1e-5),
         scale: toWeights(scale.tensor, 'scale'), shift: toWeights(shift.tensor, 'B'), mean: toWeights(mean.tensor, 'mean'), variance: toWeights(variance.tensor, 'var'),
       });
-      weight(name, 'scale', scale.provenance);
-      weight(name, 'shift', shift.provenance);
-      weight(name, 'mean', mean.provenance);
-      weight(name, 'variance', variance.provenance);
+      L.weight(name, 'scale', scale.provenance);
+      L.weight(name, 'shift', shift.provenance);
+      L.weight(name, 'mean', mean.provenance);
+      L.weight(name, 'variance', variance.provenance);
       return;
     }
     case 'LayerNormalization': {
-      const x = type(node.inputs[0]);
+      const x = L.type(node.inputs[0]);
       const axis = normalizeAxis(node, attrInt(node, 'axis', -1), x.shape.length);
       const count = elementCount(x.shape.slice(axis));
-      const scale = needConstant(1, 'scale');
-      const shift = present(2) ? needConstant(2, 'B') : undefined;
+      const scale = L.needConstant(1, 'scale');
+      const shift = L.present(2) ? L.needConstant(2, 'B') : undefined;
       if (elementCount(scale.tensor.shape) !== count || (shift && elementCount(shift.tensor.shape) !== count)) no('scale and B must cover the normalized dimensions exactly');
-      const name = layerName();
-      push({
-        kind: 'layerNorm', name, output, input: runtime(0), axis, epsilon: attrFloat(node, 'epsilon', 1e-5),
+      const name = L.layerName();
+      L.push({
+        kind: 'layerNorm', name, output, input: L.runtime(0), axis, epsilon: attrFloat(node, 'epsilon', 1e-5),
         scale: toWeights(scale.tensor, 'scale'), ...(shift ? { shift: toWeights(shift.tensor, 'B') } : {}),
       });
-      weight(name, 'scale', scale.provenance);
-      if (shift) weight(name, 'shift', shift.provenance);
+      L.weight(name, 'scale', scale.provenance);
+      if (shift) L.weight(name, 'shift', shift.provenance);
       return;
     }
     case 'ReduceMean':
     case 'ReduceSum':
     case 'ReduceMax': {
-      const x = type(node.inputs[0]);
+      const x = L.type(node.inputs[0]);
       const fromInput = node.opType === 'ReduceSum' || analyzed.graph.opset >= 18;
-      const raw = fromInput ? (present(1) ? needConstant(1, 'axes').tensor : undefined) : undefined;
+      const raw = fromInput ? (L.present(1) ? L.needConstant(1, 'axes').tensor : undefined) : undefined;
       const listed = fromInput ? (raw ? Array.from(raw.data as ArrayLike<number | bigint>, Number) : undefined) : attrInts(node, 'axes');
       if ((listed === undefined || listed.length === 0) && attrInt(node, 'noop_with_empty_axes', 0) === 1) {
-        push({ kind: 'unary', name: layerName(), output, input: runtime(0), op: 'identity' });
+        L.push({ kind: 'unary', name: L.layerName(), output, input: L.runtime(0), op: 'identity' });
         return;
       }
       const axes = listed === undefined || listed.length === 0 ? x.shape.map((_, i) => i) : listed.map((a) => normalizeAxis(node, a, x.shape.length));
       const op = node.opType === 'ReduceMean' ? 'mean' : node.opType === 'ReduceSum' ? 'sum' : 'max';
-      push({ kind: 'reduce', name: layerName(), output, input: runtime(0), op, axes, keepDims: attrInt(node, 'keepdims', 1) === 1 });
+      L.push({ kind: 'reduce', name: L.layerName(), output, input: L.runtime(0), op, axes, keepDims: attrInt(node, 'keepdims', 1) === 1 });
       return;
     }
     case 'GlobalAveragePool':
-      if (type(node.inputs[0]).shape.length !== 4) no('only 4-D input');
-      push({ kind: 'pooling', name: layerName(), output, input: runtime(0), op: 'global_average' });
+      if (L.type(node.inputs[0]).shape.length !== 4) no('only 4-D input');
+      L.push({ kind: 'pooling', name: L.layerName(), output, input: L.runtime(0), op: 'global_average' });
       return;
     case 'MaxPool':
     case 'AveragePool': {
-      if (type(node.inputs[0]).shape.length !== 4) no('only 2-D pooling');
+      if (L.type(node.inputs[0]).shape.length !== 4) no('only 2-D pooling');
       if (attrString(node, 'auto_pad', 'NOTSET') !== 'NOTSET' || attrInt(node, 'ceil_mode', 0) !== 0) no('auto_pad or ceil_mode');
       if ((attrInts(node, 'dilations') ?? [1, 1]).some((d) => d !== 1) || attrInt(node, 'storage_order', 0) !== 0) no('dilations or storage order');
       const k = attrInts(node, 'kernel_shape')!;
       const s = attrInts(node, 'strides') ?? [1, 1];
       const p = attrInts(node, 'pads') ?? [0, 0, 0, 0];
-      push({
-        kind: 'pooling', name: layerName(), output, input: runtime(0), op: node.opType === 'MaxPool' ? 'max' : 'average',
+      L.push({
+        kind: 'pooling', name: L.layerName(), output, input: L.runtime(0), op: node.opType === 'MaxPool' ? 'max' : 'average',
         params: { kernel: [k[0], k[1]], stride: [s[0], s[1]], padding: [p[0], p[1], p[2], p[3]], countIncludePad: attrInt(node, 'count_include_pad', 0) === 1 },
       });
       return;
@@ -309,44 +374,51 @@ const lowerNodeOrThrow = (ctx: LowerContext, node: Node, out: Emitted): void => 
     case 'Flatten':
     case 'Squeeze':
     case 'Unsqueeze':
-      reshapeTo(runtime(0), type(output).shape);
+      L.reshapeTo(L.runtime(0), L.type(output).shape);
       return;
     case 'Transpose': {
-      const x = type(node.inputs[0]);
-      push({ kind: 'transpose', name: layerName(), output, input: runtime(0), perm: attrInts(node, 'perm') ?? x.shape.map((_, i) => x.shape.length - 1 - i) });
+      const x = L.type(node.inputs[0]);
+      L.push({ kind: 'transpose', name: L.layerName(), output, input: L.runtime(0), perm: attrInts(node, 'perm') ?? x.shape.map((_, i) => x.shape.length - 1 - i) });
       return;
     }
     case 'Concat':
-      push({ kind: 'concatenation', name: layerName(), output, inputs: node.inputs.map((_, i) => operand(i)), axis: attrInt(node, 'axis', 0) });
+      L.push({ kind: 'concatenation', name: L.layerName(), output, inputs: node.inputs.map((_, i) => L.operand(i)), axis: attrInt(node, 'axis', 0) });
       return;
     case 'Slice': {
-      const x = type(node.inputs[0]);
-      const values = (i: number) => (present(i) ? Array.from(needConstant(i, 'slice bound').tensor.data as ArrayLike<number | bigint>, Number) : undefined);
+      const x = L.type(node.inputs[0]);
+      const values = (i: number) => (L.present(i) ? Array.from(L.needConstant(i, 'slice bound').tensor.data as ArrayLike<number | bigint>, Number) : undefined);
       const s = resolveSlice(node, x.shape, values(1)!, values(2)!, values(3), values(4));
       if (s.step.some((v) => v < 1)) no('negative steps');
-      push({ kind: 'slice', name: layerName(), output, input: runtime(0), start: s.start, size: s.count, stride: s.step });
+      L.push({ kind: 'slice', name: L.layerName(), output, input: L.runtime(0), start: s.start, size: s.count, stride: s.step });
       return;
     }
     case 'Split': {
-      const x = type(node.inputs[0]);
-      const { axis, sizes } = resolveSplit({ node, opset: analyzed.graph.opset, types: node.inputs.map((n) => (n ? type(n) : undefined)), values: node.inputs.map((n) => (n ? analyzed.constants.get(n)?.tensor : undefined)) });
-      const input = runtime(0);
+      const x = L.type(node.inputs[0]);
+      const { axis, sizes } = resolveSplit({ node, opset: analyzed.graph.opset, types: node.inputs.map((n) => (n ? L.type(n) : undefined)), values: node.inputs.map((n) => (n ? analyzed.constants.get(n)?.tensor : undefined)) });
+      const input = L.runtime(0);
       let begin = 0;
       sizes.forEach((size, k) => {
         const o = node.outputs[k];
         const start = x.shape.map((_, i) => (i === axis ? begin : 0));
         begin += size;
         if (o === '') return;
-        push({ kind: 'slice', name: layerName(`split${k}`), output: o, input, start, size: x.shape.map((d, i) => (i === axis ? size : d)), stride: x.shape.map(() => 1) });
+        L.push({ kind: 'slice', name: L.layerName(`split${k}`), output: o, input, start, size: x.shape.map((d, i) => (i === axis ? size : d)), stride: x.shape.map(() => 1) });
       });
       return;
     }
     case 'Gather': {
-      const data = type(node.inputs[0]);
+      const data = L.type(node.inputs[0]);
       const axis = normalizeAxis(node, attrInt(node, 'axis', 0), data.shape.length);
-      const indices = type(node.inputs[1]);
+      const indices = L.type(node.inputs[1]);
       if (indices.dtype !== 'int32' && indices.dtype !== 'int64') no('indices must be int32 or int64');
-      push({ kind: 'gather', name: layerName(), output, data: operand(0), indices: operand(1, true), axis });
+      const original = out.indexAliases.get(node.inputs[1]);
+      if (original === undefined) {
+        L.push({ kind: 'gather', name: L.layerName(), output, data: L.operand(0), indices: L.operand(1, true), axis });
+        return;
+      }
+      const gathered = L.layerName('gather');
+      L.push({ kind: 'gather', name: gathered, output: gathered, data: L.operand(0), indices: original, axis });
+      L.reshapeTo(gathered, L.type(output).shape);
       return;
     }
     default:
@@ -364,7 +436,7 @@ export const lowerSegment = (
   ctx: LowerContext,
   segment: { readonly nodes: readonly Node[]; readonly inputs: readonly string[]; readonly outputs: readonly string[] },
 ): E.Either<LowerErrorDetail, LoweredSegment> => {
-  const out: Emitted = { layers: [], weights: [], constantLayers: new Map() };
+  const out: Emitted = { layers: [], weights: [], constantLayers: new Map(), indexAliases: new Map() };
   for (const node of segment.nodes) {
     const r = lowerNode(ctx, node, out);
     if (E.isLeft(r)) return E.left({ _tag: 'UnsupportedNode', node: node.name, opType: node.opType, reason: r.left });

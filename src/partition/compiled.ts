@@ -3,8 +3,8 @@
  * an engine, and every fallback segment opened on ONNX Runtime. `run` executes the segments in order,
  * passing tensors between them by name.
  *
- * The engine is a parameter (`engine`): the reference evaluator by default; the native engine (ffi/)
- * plugs in with the same shape.
+ * The engine is a parameter (`engine`): the native engine (libtrtshim, refittable engines) by default;
+ * the reference evaluator (`referenceEngine`) plugs in with the same shape, for tests.
  */
 import * as E from 'fp-ts/lib/Either.js';
 import type { AnalyzedGraph } from '../trace/analyze.js';
@@ -14,6 +14,7 @@ import { lowerContext, lowerSegment, LowerError, type LoweredSegment } from '../
 import type { NetworkDefinition } from '../network/types.js';
 import { FallbackSession } from '../fallback/session.js';
 import { evaluate } from '../reference/index.js';
+import { nativeEngine } from './native.js';
 
 export type EngineInput = Float32Array | Int32Array | BigInt64Array;
 
@@ -27,6 +28,7 @@ export type EngineFactory = (network: NetworkDefinition, segment: Segment) => En
 export const referenceEngine: EngineFactory = (network) => ({ run: (inputs) => evaluate(network, inputs) });
 
 export interface CompileOptions extends PartitionOptions {
+  /** Builds each engine segment; default `nativeEngine()` (libtrtshim, refittable, default options). */
   readonly engine?: EngineFactory;
 }
 
@@ -62,7 +64,7 @@ export class CompiledModel implements Disposable {
     const ctx = lowerContext(analyzed);
     const parted = partitionGraph(analyzed, options, ctx);
     if (E.isLeft(parted)) throw new PartitionError(parted.left);
-    const engine = options.engine ?? referenceEngine;
+    const engine = options.engine ?? nativeEngine();
     const stages: Stage[] = [];
     try {
       for (const segment of parted.right.segments) {

@@ -213,6 +213,64 @@ export const evaluators: Readonly<Record<string, Evaluator>> = {
     if (picks.some((p) => p < 0 || p >= dim)) return undefined;
     return [gatherAxis(x, axis, picks, out.shape)];
   },
+  GatherElements: (node, [x, indices], [out]) => {
+    if (x === undefined || indices === undefined) return undefined;
+    const rank = x.shape.length;
+    const axis = normalizeAxis(node, attrInt(node, 'axis', 0), rank);
+    const dim = x.shape[axis];
+    const xStrides = strides(x.shape);
+    const picks = toNumbers(indices);
+    const n = elementCount(out.shape);
+    const data = allocate(x.dtype, n);
+    const src = x.data as unknown as { [i: number]: number | bigint };
+    const dst = data as unknown as { [i: number]: number | bigint };
+    const index = new Array<number>(rank).fill(0);
+    for (let e = 0; e < n; e++) {
+      const p = picks[e] < 0 ? picks[e] + dim : picks[e];
+      if (!(p >= 0 && p < dim)) return undefined; // out of range: left to run time, which reports it
+      let offset = 0;
+      for (let d = 0; d < rank; d++) {
+        // Every dimension but the axis indexes data at the output's own position (indices may be smaller).
+        if (d !== axis && index[d] >= x.shape[d]) return undefined;
+        offset += (d === axis ? p : index[d]) * xStrides[d];
+      }
+      dst[e] = src[offset];
+      for (let d = rank - 1; d >= 0; d--) {
+        if (++index[d] < out.shape[d]) break;
+        index[d] = 0;
+      }
+    }
+    return [{ dtype: x.dtype, shape: out.shape, data }];
+  },
+  GatherND: (node, [x, indices], [out]) => {
+    if (x === undefined || indices === undefined) return undefined;
+    const batchDims = attrInt(node, 'batch_dims', 0);
+    const depth = indices.shape[indices.shape.length - 1];
+    const xStrides = strides(x.shape);
+    const slice = elementCount(x.shape.slice(batchDims + depth));
+    const batch = elementCount(x.shape.slice(0, batchDims));
+    const perBatch = elementCount(indices.shape.slice(batchDims, -1));
+    const picks = toNumbers(indices);
+    const data = allocate(x.dtype, elementCount(out.shape));
+    const src = x.data as unknown as { [i: number]: number | bigint };
+    const dst = data as unknown as { [i: number]: number | bigint };
+    const batchStride = batchDims === 0 ? 0 : xStrides[batchDims - 1];
+    let o = 0;
+    for (let b = 0; b < batch; b++) {
+      for (let t = 0; t < perBatch; t++) {
+        let offset = b * batchStride;
+        for (let k = 0; k < depth; k++) {
+          const dim = x.shape[batchDims + k];
+          const raw = picks[(b * perBatch + t) * depth + k];
+          const p = raw < 0 ? raw + dim : raw;
+          if (!(p >= 0 && p < dim)) return undefined;
+          offset += p * xStrides[batchDims + k];
+        }
+        for (let i = 0; i < slice; i++) dst[o++] = src[offset + i];
+      }
+    }
+    return [{ dtype: x.dtype, shape: out.shape, data }];
+  },
   Slice: (node, inputs, [out]) => {
     const [x, starts, ends, axes, steps] = inputs;
     if (x === undefined || starts === undefined || ends === undefined) return undefined;
