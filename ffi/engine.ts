@@ -45,6 +45,23 @@ export interface EngineInfo {
   weightBytes: number;
   scratchBytes: number;
 }
+/** An engine's own accounting of weight memory that stands for device memory (bytes; see trtshim.h). */
+export interface WeightStreamingStats {
+  streamableBytes: number;
+  budgetBytes: number;
+  /** Streamable weights kept in the resident arena (at most the budget). */
+  residentBytes: number;
+  /** Streamable weights copied into the window on every run. */
+  streamedBytes: number;
+  /** One run's double-buffered window. */
+  windowBytes: number;
+  /** Arena and windows allocated now. */
+  allocatedBytes: number;
+  /** The most allocatedBytes has been since the budget was last set. */
+  peakBytes: number;
+  copiedBytes: number;
+  runs: number;
+}
 export interface WeightUpdate {
   layer: string;
   role: WeightRole;
@@ -223,6 +240,59 @@ export class Engine implements Disposable {
 
   createRefitter(): Refitter {
     return new Refitter(createHandle('trtshim_refitter_create', this.#handle.get()));
+  }
+
+  // ---- weight streaming (engines built with weightStreaming) ----
+
+  /** Bytes of weights that can be streamed (0 for an engine built without weightStreaming). */
+  streamableWeightBytes(): number {
+    return this.#u64('trtshim_engine_streamable_weights_size');
+  }
+
+  /** The current weight streaming budget in bytes (a new engine's is its streamable total). */
+  weightStreamingBudget(): number {
+    return this.#u64('trtshim_engine_weight_streaming_budget');
+  }
+
+  /** Sets the budget, 0 .. streamableWeightBytes(). Throws a NativeError of status STATE while a run is in
+   *  flight (and for an engine built without streaming); the budget is then unchanged. */
+  setWeightStreamingBudget(bytes: number): void {
+    if (!Number.isSafeInteger(bytes) || bytes < 0) {
+      throw new NativeError('trtshim_engine_set_weight_streaming_budget', Status.ARGUMENT, 'Argument', `budget must be a whole number of bytes >= 0, got ${bytes}`);
+    }
+    call('trtshim_engine_set_weight_streaming_budget', this.#handle.get(), BigInt(bytes));
+  }
+
+  /** The engine's own choice of budget from the memory the system reports available. */
+  automaticWeightStreamingBudget(): number {
+    return this.#u64('trtshim_engine_weight_streaming_automatic_budget');
+  }
+
+  /** Memory a run needs beyond the budget at the current budget (the window). */
+  weightStreamingScratchBytes(): number {
+    return this.#u64('trtshim_engine_weight_streaming_scratch_size');
+  }
+
+  weightStreamingStats(): WeightStreamingStats {
+    const raw: Record<string, unknown> = {};
+    call('trtshim_engine_weight_streaming_stats', this.#handle.get(), raw);
+    return {
+      streamableBytes: num(raw.streamable_bytes),
+      budgetBytes: num(raw.budget_bytes),
+      residentBytes: num(raw.resident_bytes),
+      streamedBytes: num(raw.streamed_bytes),
+      windowBytes: num(raw.window_bytes),
+      allocatedBytes: num(raw.allocated_bytes),
+      peakBytes: num(raw.peak_bytes),
+      copiedBytes: num(raw.copied_bytes),
+      runs: num(raw.runs),
+    };
+  }
+
+  #u64(fn: NativeFunctionName): number {
+    const out: unknown[] = [0];
+    call(fn, this.#handle.get(), out);
+    return num(out[0]);
   }
 
   /** Runs once on a fresh context. */

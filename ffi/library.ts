@@ -145,6 +145,19 @@ export const types = (() => {
   return { network, engine, context, refitter, mapping, weights, convParams, poolParams, buildConfig, engineInfo };
 })();
 
+// (streaming section) the struct of trtshim_engine_weight_streaming_stats, registered by name for the prototypes.
+export const weightStreamingStatsType = koffi.struct('trtshim_weight_streaming_stats', {
+  streamable_bytes: 'uint64_t',
+  budget_bytes: 'uint64_t',
+  resident_bytes: 'uint64_t',
+  streamed_bytes: 'uint64_t',
+  window_bytes: 'uint64_t',
+  allocated_bytes: 'uint64_t',
+  peak_bytes: 'uint64_t',
+  copied_bytes: 'uint64_t',
+  runs: 'uint64_t',
+});
+
 /** C prototypes of the ABI, in koffi's declaration syntax. Enums are passed as int32_t. */
 const prototypes = {
   trtshim_abi_version: 'int32_t trtshim_abi_version()',
@@ -236,8 +249,26 @@ const prototypes = {
   trtshim_convert_from_f32: 'int32_t trtshim_convert_from_f32(const float *src, int32_t dst_dtype, void *dst, uint64_t count)',
 
   // (streaming section)
+  trtshim_engine_streamable_weights_size: 'int32_t trtshim_engine_streamable_weights_size(const trtshim_engine *engine, _Out_ uint64_t *bytes)',
+  trtshim_engine_weight_streaming_budget: 'int32_t trtshim_engine_weight_streaming_budget(const trtshim_engine *engine, _Out_ uint64_t *bytes)',
+  trtshim_engine_set_weight_streaming_budget: 'int32_t trtshim_engine_set_weight_streaming_budget(trtshim_engine *engine, uint64_t bytes)',
+  trtshim_engine_weight_streaming_automatic_budget:
+    'int32_t trtshim_engine_weight_streaming_automatic_budget(const trtshim_engine *engine, _Out_ uint64_t *bytes)',
+  trtshim_engine_weight_streaming_scratch_size: 'int32_t trtshim_engine_weight_streaming_scratch_size(const trtshim_engine *engine, _Out_ uint64_t *bytes)',
+  trtshim_engine_weight_streaming_stats:
+    'int32_t trtshim_engine_weight_streaming_stats(const trtshim_engine *engine, _Out_ trtshim_weight_streaming_stats *stats)',
 
   // (transforms section)
+  trtshim_transform_permute:
+    'int32_t trtshim_transform_permute(const float *src, int32_t rank, const int64_t *dims, const int32_t *perm, float *dst, int32_t num_threads)',
+  trtshim_transform_cast_round:
+    'int32_t trtshim_transform_cast_round(const float *src, int32_t to, float *dst, uint64_t count, int32_t num_threads)',
+  trtshim_transform_bn_fold_weight:
+    'int32_t trtshim_transform_bn_fold_weight(const float *weight, int64_t channels, int64_t inner, const float *gamma, const float *variance, double epsilon, float *dst, int32_t num_threads)',
+  trtshim_transform_bn_fold_bias:
+    'int32_t trtshim_transform_bn_fold_bias(const float *bias, const float *gamma, const float *beta, const float *mean, const float *variance, int64_t channels, double epsilon, float *dst)',
+  trtshim_transform_lora_add:
+    'int32_t trtshim_transform_lora_add(float *weight, int64_t out_features, int64_t in_features, int32_t fan_in_fan_out, const float *up, const float *down, int64_t rank, double scale, int32_t num_threads)',
 } as const;
 
 export type NativeFunctionName = keyof typeof prototypes;

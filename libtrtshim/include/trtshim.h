@@ -246,7 +246,7 @@ typedef struct {
     trtshim_dtype weight_precision; /* FLOAT32, FLOAT16 or BFLOAT16; accumulation is always float32 */
     int32_t refittable;             /* weights may be changed after build */
     int32_t strip_weights;          /* build without weight values; the engine runs only after a refit */
-    int32_t weight_streaming;       /* reserved for weight streaming (a later ABI adds the budget calls) */
+    int32_t weight_streaming;       /* keep weights streamable under a budget (see Weight streaming) */
     int32_t tactic_search;          /* time candidate kernels per layer and keep the fastest */
     int32_t num_threads;            /* 0: one per core */
 } trtshim_build_config;
@@ -382,11 +382,85 @@ TRTSHIM_API trtshim_status trtshim_convert_from_f32(const float *src, trtshim_dt
 
 /* (streaming section) */
 
+/* An engine built with weight_streaming = 1 keeps its streamable weights (the packed kernels of its GEMMs
+   and convolutions) in host storage: its own host copy, or the mapped engine file when it was loaded
+   with trtshim_engine_load. A resident arena of at most the budget (in the ref backend it stands for
+   device memory) holds as many of them as fit, chosen first-fit in step order; a run brings the others,
+   ahead of the step that needs them, into a double-buffered window (two slots of the largest streamed
+   weight) filled by a prefetching worker thread while earlier steps compute. Outputs do not depend on
+   the budget. Other weights (biases, norms, constants) are always resident and outside the budget.
+   The arena is filled at the first run after a budget change; a window lives from a run's start to
+   the next budget change. A new or loaded engine's budget is its streamable total (nothing streamed).
+   An engine built without streaming has 0 streamable bytes and refuses budget changes (ERR_STATE). */
+TRTSHIM_API trtshim_status trtshim_engine_streamable_weights_size(const trtshim_engine *engine, uint64_t *bytes);
+TRTSHIM_API trtshim_status trtshim_engine_weight_streaming_budget(const trtshim_engine *engine, uint64_t *bytes);
+/* 0 (stream everything streamable) .. the streamable total (stream nothing). Refused with ERR_STATE
+   while a context executes, a refit is applied or the engine is serialized; nothing changes then. */
+TRTSHIM_API trtshim_status trtshim_engine_set_weight_streaming_budget(trtshim_engine *engine, uint64_t bytes);
+/* The engine's own choice: half of the memory the system reports available (MemAvailable in
+   /proc/meminfo) less the window a run would need if everything streamed, clamped to 0 .. the
+   streamable total; the streamable total when the estimate cannot be read. */
+TRTSHIM_API trtshim_status trtshim_engine_weight_streaming_automatic_budget(const trtshim_engine *engine,
+                                                                            uint64_t *bytes);
+/* Memory a run needs beyond the budget at the current budget: the window (0 when nothing is streamed). */
+TRTSHIM_API trtshim_status trtshim_engine_weight_streaming_scratch_size(const trtshim_engine *engine, uint64_t *bytes);
+
+typedef struct {
+    uint64_t streamable_bytes; /* streamable weights in all */
+    uint64_t budget_bytes;     /* the current budget */
+    uint64_t resident_bytes;   /* streamable weights placed in the resident arena (<= budget) */
+    uint64_t streamed_bytes;   /* streamable weights copied into the window on every run */
+    uint64_t window_bytes;     /* one run's window (two slots) */
+    uint64_t allocated_bytes;  /* arena and windows allocated now */
+    uint64_t peak_bytes;       /* the most allocated_bytes has been since the budget was last set */
+    uint64_t copied_bytes;     /* bytes copied into windows since the budget was last set */
+    uint64_t runs;             /* runs since the budget was last set */
+} trtshim_weight_streaming_stats;
+
+/* The engine's own accounting of weight memory that stands for device memory. */
+TRTSHIM_API trtshim_status trtshim_engine_weight_streaming_stats(const trtshim_engine *engine,
+                                                                 trtshim_weight_streaming_stats *stats);
+
 /* ---------------------------------------------------------------------------------------------- */
 /* Weight transforms (checkpoint tensors -> network weights, for the refit effect layer)           */
 /* ---------------------------------------------------------------------------------------------- */
 
 /* (transforms section) */
+
+/* Kernels the refit effect layer runs to turn checkpoint tensors into network weights, one call per tensor.
+   float32 in and out, row-major. Every result is bit-identical to the TypeScript reference
+   (src/weightmap/evaluate.ts, src/lora/lora.ts) for any thread count; NaN payloads may differ.
+   num_threads: 0 one per core, 1 the calling thread only. */
+
+/* dst = src with its dimensions permuted: output dimension i is input dimension perm[i]. dims are the
+   input's (rank 0 .. TRTSHIM_MAX_RANK). src and dst must not overlap. */
+TRTSHIM_API trtshim_status trtshim_transform_permute(const float *src, int32_t rank, const int64_t *dims,
+                                                     const int32_t *perm, float *dst, int32_t num_threads);
+/* Rounds `count` values to `to` (FLOAT16 or BFLOAT16, round to nearest even, overflow to infinity; FLOAT32
+   copies) and widens them back to float32, as a cast there and back would. dst may equal src. */
+TRTSHIM_API trtshim_status trtshim_transform_cast_round(const float *src, trtshim_dtype to, float *dst,
+                                                        uint64_t count, int32_t num_threads);
+/* A BatchNorm folded into the preceding weight, per output channel (axis 0), every step in float32:
+     scale[c] = gamma[c] / sqrt(variance[c] + (float)epsilon)
+     dst[c * inner + i] = weight[c * inner + i] * scale[c]
+   `inner` is the number of elements per channel. dst may equal weight. */
+TRTSHIM_API trtshim_status trtshim_transform_bn_fold_weight(const float *weight, int64_t channels, int64_t inner,
+                                                            const float *gamma, const float *variance,
+                                                            double epsilon, float *dst, int32_t num_threads);
+/* dst[c] = ((bias[c] - mean[c]) * scale[c]) + beta[c], each step in float32, scale as above; a null bias is
+   0 (a convolution without bias). */
+TRTSHIM_API trtshim_status trtshim_transform_bn_fold_bias(const float *bias, const float *gamma, const float *beta,
+                                                          const float *mean, const float *variance, int64_t channels,
+                                                          double epsilon, float *dst);
+/* Adds a LoRA delta to a weight in place: delta = scale * (up @ down), up [out_features, rank] and down
+   [rank, in_features] (in_features counts every element of a row: in * kh * kw for a convolution).
+   Each delta element sums its rank products in float64, in increasing rank order, skipping zero entries
+   of up, and is multiplied by scale (float64) and rounded to float32 once; the weight then gets
+   weight + delta in float32. fan_in_fan_out = 0: weight is [out_features, in_features]; 1: weight is
+   [in_features, out_features] (GPT-2's Conv1D) and takes the delta transposed. */
+TRTSHIM_API trtshim_status trtshim_transform_lora_add(float *weight, int64_t out_features, int64_t in_features,
+                                                      int32_t fan_in_fan_out, const float *up, const float *down,
+                                                      int64_t rank, double scale, int32_t num_threads);
 
 #ifdef __cplusplus
 }

@@ -95,7 +95,7 @@ static int32_t add_buffer(trtshim_engine *e, uint64_t bytes) {
         e->buffers = p;
         e->cap_buffers = cap;
     }
-    e->buffers[e->num_buffers] = (weight_buffer){NULL, bytes};
+    e->buffers[e->num_buffers] = (weight_buffer){NULL, bytes, 0};
     return e->num_buffers++;
 }
 
@@ -113,7 +113,7 @@ static int add_unit(trtshim_engine *e, unit u) {
 
 trtshim_status engine_alloc_buffers(trtshim_engine *e) {
     for (int32_t i = 0; i < e->num_buffers; i++) {
-        if (e->buffers[i].data) continue;
+        if (e->buffers[i].data || e->buffers[i].external) continue; /* external: set from a mapped file */
         e->buffers[i].data = aligned_zalloc(e->buffers[i].bytes);
         if (!e->buffers[i].data)
             return set_error(TRTSHIM_ERR_MEMORY, "engine: out of memory for a weight buffer of %llu bytes",
@@ -720,9 +720,11 @@ trtshim_status trtshim_build(const trtshim_network *network, const trtshim_build
         trtshim_network_destroy(structure);
         return st;
     }
+    e->weight_streaming = config->weight_streaming ? 1 : 0;
     if (!st) st = engine_plan(e, NULL, 0);
     if (!st) st = engine_alloc_buffers(e);
     if (!st) st = engine_alloc_retained(e);
+    if (!st) st = stream_init(e);
     if (!st && !config->strip_weights) {
         for (int32_t i = 0; i < e->num_units && !st; i++) st = materialize_from_network(e, network, &e->units[i]);
         e->has_weights = 1;

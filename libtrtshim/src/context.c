@@ -72,10 +72,9 @@ trtshim_status trtshim_context_set_tensor(trtshim_context *c, const char *name, 
 
 /* ---- steps ---------------------------------------------------------------------------------- */
 
-static void run_gemm(const trtshim_engine *e, const step *s, void *const *tensors, float *temp) {
+static void run_gemm(const trtshim_engine *e, const step *s, void *const *tensors, float *temp, const void *packed) {
     if (s->M <= 0) return;
     const float *a = tensors[s->input];
-    const void *packed = e->buffers[s->packed_buffer].data;
     const float *bias = s->bias_buffer >= 0 ? e->buffers[s->bias_buffer].data : NULL;
     if (s->num_members == 1) {
         gemm_run(s->tactic, s->M, s->N, s->K, a, s->K, packed, e->precision, bias, s->act,
@@ -111,7 +110,7 @@ static void scatter_channels(void *context, int64_t begin, int64_t end) {
         for (int64_t m = 0; m < j->M; m++) j->y[ch * j->M + m] = j->c[m * j->N + ch];
 }
 
-static void run_conv(const trtshim_engine *e, const step *s, void *const *tensors, float *temp) {
+static void run_conv(const trtshim_engine *e, const step *s, void *const *tensors, float *temp, const void *packed) {
     const layer *l = &e->net->layers[s->layer];
     const tensor_desc *in = desc_of(e, s->input), *od = desc_of(e, s->members[0].out_tensor);
     int64_t groups = l->params[11], icg = in->dims[1] / groups, H = in->dims[2], W = in->dims[3];
@@ -127,7 +126,7 @@ static void run_conv(const trtshim_engine *e, const step *s, void *const *tensor
                             y + (n * oc + g * s->N) * s->M};
             int threads = s->K * s->M >= 65536 ? e->num_threads : 1; /* small images: not worth a wake-up */
             parallel_for(OH, threads, im2col_rows, &job);
-            gemm_run(s->tactic, s->M, s->N, s->K, col, s->K, (const char *)e->buffers[s->packed_buffer].data + g * group_bytes,
+            gemm_run(s->tactic, s->M, s->N, s->K, col, s->K, (const char *)packed + g * group_bytes,
                      e->precision, bias ? bias + g * s->N : NULL, s->act, c, s->N, e->num_threads);
             parallel_for(s->N, threads, scatter_channels, &job);
         }
@@ -289,14 +288,20 @@ static trtshim_status run_layer(const trtshim_engine *e, const step *s, void *co
     return TRTSHIM_OK;
 }
 
-trtshim_status step_run(const trtshim_engine *e, const step *s, void *const *tensors, float *temp) {
+trtshim_status step_run_packed(const trtshim_engine *e, const step *s, void *const *tensors, float *temp,
+                               const void *packed) {
+    if (!packed && s->packed_buffer >= 0) packed = e->buffers[s->packed_buffer].data;
     switch (s->kind) {
-    case STEP_GEMM: run_gemm(e, s, tensors, temp); return TRTSHIM_OK;
-    case STEP_CONV: run_conv(e, s, tensors, temp); return TRTSHIM_OK;
+    case STEP_GEMM: run_gemm(e, s, tensors, temp, packed); return TRTSHIM_OK;
+    case STEP_CONV: run_conv(e, s, tensors, temp, packed); return TRTSHIM_OK;
     case STEP_MATMUL: run_matmul(e, s, tensors); return TRTSHIM_OK;
     case STEP_LAYER: return run_layer(e, s, tensors);
     }
     return TRTSHIM_OK;
+}
+
+trtshim_status step_run(const trtshim_engine *e, const step *s, void *const *tensors, float *temp) {
+    return step_run_packed(e, s, tensors, temp, NULL);
 }
 
 /* ---- execute ------------------------------------------------------------------------------- */
@@ -328,8 +333,15 @@ trtshim_status trtshim_context_execute(trtshim_context *c) {
     for (int32_t i = 0; i < e->num_io; i++)
         if (e->io[i].is_input) c->tensors[e->io[i].tensor] = c->bound[i];
     float *temp = c->arena + e->arena_floats;
-    trtshim_status st = TRTSHIM_OK;
-    for (int32_t i = 0; i < e->num_steps && !st; i++) st = step_run(e, &e->steps[i], c->tensors, temp);
+    /* A streaming engine takes each step's packed weights from its resident arena or its window. */
+    stream_run *streaming = NULL;
+    trtshim_status st = stream_run_begin(e, &streaming);
+    for (int32_t i = 0; i < e->num_steps && !st; i++) {
+        const void *packed = streaming ? stream_step_weights(streaming, i) : NULL;
+        st = step_run_packed(e, &e->steps[i], c->tensors, temp, packed);
+        if (streaming) stream_step_done(streaming, i);
+    }
+    stream_run_end(streaming, !st);
     if (!st)
         for (int32_t i = 0; i < e->num_io; i++) {
             if (e->io[i].is_input) continue;

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "engine.h"
 #include "gemm.h"
@@ -22,7 +23,10 @@ void engine_release(trtshim_engine *e) {
     for (int32_t i = 0; i < e->num_steps; i++) free(e->steps[i].members);
     free(e->steps);
     free(e->units);
-    for (int32_t i = 0; i < e->num_buffers; i++) free(e->buffers[i].data);
+    stream_free(e);
+    for (int32_t i = 0; i < e->num_buffers; i++)
+        if (!e->buffers[i].external) free(e->buffers[i].data);
+    if (e->file_map) munmap(e->file_map, (size_t)e->file_map_bytes);
     free(e->buffers);
     for (int32_t i = 0; i < e->num_weights; i++) free(e->weights[i].retained);
     free(e->weights);

@@ -145,6 +145,7 @@ typedef struct {
 typedef struct {
     void *data;            /* 64-byte aligned */
     uint64_t bytes;
+    int32_t external;      /* data points into the engine's file mapping (not freed) */
 } weight_buffer;
 
 /* A refittable weight at network level. */
@@ -191,6 +192,11 @@ struct trtshim_engine {
     int64_t *tensor_offset;        /* arena offset in floats per tensor; -1 not in the arena */
     int32_t *tensor_const_weight;  /* weight index of a constant tensor, -1 otherwise */
     uint64_t arena_floats, temp_floats;
+    /* weight streaming (streaming.c) */
+    int32_t weight_streaming;      /* built with weight_streaming = 1 */
+    struct stream_state *stream;   /* budget, residency and accounting; NULL when not streaming */
+    void *file_map;                /* a loaded streaming engine keeps its file mapped as host storage */
+    uint64_t file_map_bytes;
 };
 
 /* builder.c */
@@ -218,8 +224,28 @@ void engine_release(trtshim_engine *e);
 trtshim_status engine_begin_read(trtshim_engine *e, const char *what);
 void engine_end_read(trtshim_engine *e);
 
-/* context.c: runs one step; tensors[t] points at tensor t's data. */
+/* context.c: runs one step; tensors[t] points at tensor t's data. step_run_packed takes the step's packed
+   weights from `packed` instead of its engine buffer (a resident or streamed copy); NULL: the buffer. */
 trtshim_status step_run(const trtshim_engine *e, const step *s, void *const *tensors, float *temp);
+trtshim_status step_run_packed(const trtshim_engine *e, const step *s, void *const *tensors, float *temp,
+                               const void *packed);
+
+/* streaming.c */
+typedef struct stream_run stream_run;
+/* Sets up streaming state for an engine built (or loaded) with weight_streaming; budget = the total. */
+trtshim_status stream_init(trtshim_engine *e);
+void stream_free(trtshim_engine *e);
+/* Inside execute (the engine held for reading): fills the arena if needed, takes a window and starts the
+   prefetching worker. *out is NULL when the engine does not stream. */
+trtshim_status stream_run_begin(trtshim_engine *e, stream_run **out);
+/* The packed weights of step i for this run (waits for the prefetch of a streamed one); NULL: use the
+   engine buffer. Then stream_step_done releases a window slot. */
+const void *stream_step_weights(stream_run *r, int32_t step_index);
+void stream_step_done(stream_run *r, int32_t step_index);
+/* Stops the worker and returns the window to the engine. */
+void stream_run_end(stream_run *r, int ok);
+/* After a refit wrote engine buffer b (host storage): refresh its resident copy. */
+void stream_buffer_changed(trtshim_engine *e, int32_t buffer);
 
 /* kernels.c */
 void weights_to_f32(trtshim_dtype dtype, const void *src, float *dst, int64_t count);

@@ -250,6 +250,8 @@ static trtshim_status validate_and_apply(trtshim_refitter *r) {
     apply_job job = {r, touched, num_touched, 0, scratch, slot_floats};
     atomic_init(&job.next, 0);
     parallel_for(slots, slots, apply_slots, &job);
+    /* Weights were written in host storage; resident copies of streamable ones follow. */
+    for (int32_t i = 0; e->stream && i < num_touched; i++) stream_buffer_changed(e, e->units[touched[i]].buffer);
     if (!e->has_weights) e->retained_valid = 1; /* a full refit filled every copy */
     e->has_weights = 1;
     free(scratch);

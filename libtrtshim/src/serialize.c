@@ -29,7 +29,7 @@
 #define MAX_SECTIONS 16
 
 enum { SEC_CONFIG = 1, SEC_NETWORK = 2, SEC_WEIGHTS = 3, SEC_BLOBS = 4, SEC_RETAINED = 5 };
-enum { FLAG_REFITTABLE = 1, FLAG_WEIGHTS = 2 };
+enum { FLAG_REFITTABLE = 1, FLAG_WEIGHTS = 2, FLAG_STREAMING = 4 };
 
 static const char MAGIC[8] = {'T', 'R', 'T', 'S', 'H', 'E', 'N', 'G'};
 
@@ -101,7 +101,8 @@ static uint64_t write_engine(const trtshim_engine *e, int include, uint8_t *buf)
 
     w_bytes(&w, MAGIC, 8);
     w_u32(&w, FORMAT_VERSION);
-    w_u32(&w, (e->refittable ? FLAG_REFITTABLE : 0) | (with_weights ? FLAG_WEIGHTS : 0));
+    w_u32(&w, (e->refittable ? FLAG_REFITTABLE : 0) | (with_weights ? FLAG_WEIGHTS : 0) |
+                  (e->weight_streaming ? FLAG_STREAMING : 0));
     w_u32(&w, nsec);
     w_u32(&w, 0);
     w_u64(&w, 0); /* file size, patched below */
@@ -436,7 +437,9 @@ static trtshim_status read_blobs(reader *r, trtshim_engine *e, uint64_t section_
         if (r->bad || bytes != e->buffers[i].bytes || at % 64 || at < prev_end || at > section_end ||
             bytes > section_end - at)
             return corrupt("blobs: a buffer's offset or size is wrong");
-        memcpy(e->buffers[i].data, base + (at - section_offset), (size_t)bytes);
+        /* A streaming engine loaded from a file keeps its streamable weights in the mapping. */
+        if (e->buffers[i].external) e->buffers[i].data = (void *)(base + (at - section_offset));
+        else memcpy(e->buffers[i].data, base + (at - section_offset), (size_t)bytes);
         prev_end = at + bytes;
     }
     return TRTSHIM_OK;
@@ -459,7 +462,9 @@ static trtshim_status read_retained(reader *r, trtshim_engine *e) {
     return TRTSHIM_OK;
 }
 
-trtshim_status trtshim_engine_deserialize(const void *data, uint64_t size, trtshim_engine **out) {
+/* mapped: `data` is a file mapping the engine may keep as host storage for streamable weights (it then
+   sets e->file_map, and the caller must not unmap it). */
+static trtshim_status deserialize(const void *data, uint64_t size, int mapped, trtshim_engine **out) {
     if (!data) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_deserialize: data is null");
     if (!out) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_deserialize: out is null");
     *out = NULL;
@@ -508,7 +513,7 @@ trtshim_status trtshim_engine_deserialize(const void *data, uint64_t size, trtsh
     }
     if (!seen[SEC_CONFIG] || !seen[SEC_NETWORK] || !seen[SEC_WEIGHTS]) return corrupt("a required section is missing");
     int with_weights = (flags & FLAG_WEIGHTS) != 0;
-    if ((flags & ~3u) || with_weights != seen[SEC_BLOBS] || (seen[SEC_RETAINED] && !with_weights))
+    if ((flags & ~7u) || with_weights != seen[SEC_BLOBS] || (seen[SEC_RETAINED] && !with_weights))
         return corrupt("flags disagree with the sections present");
 
     reader *cr = &sec[SEC_CONFIG];
@@ -539,14 +544,21 @@ trtshim_status trtshim_engine_deserialize(const void *data, uint64_t size, trtsh
         trtshim_network_destroy(net);
         return st;
     }
+    e->weight_streaming = (flags & FLAG_STREAMING) != 0;
     st = engine_plan(e, tactics, (int32_t)nsteps);
     free(tactics);
     if (st == TRTSHIM_ERR_ARGUMENT) st = TRTSHIM_ERR_CORRUPT;
     if (!st) st = check_weight_table(&sec[SEC_WEIGHTS], e);
+    int keep_mapping = !st && mapped && with_weights && e->weight_streaming;
+    for (int32_t i = 0; keep_mapping && i < e->num_steps; i++) {
+        const step *s = &e->steps[i];
+        if ((s->kind == STEP_GEMM || s->kind == STEP_CONV) && s->packed_buffer >= 0) e->buffers[s->packed_buffer].external = 1;
+    }
     if (!st) st = engine_alloc_buffers(e);
     if (!st) st = engine_alloc_retained(e);
     if (!st && with_weights) st = read_blobs(&sec[SEC_BLOBS], e, sec_offset[SEC_BLOBS]);
     if (!st && seen[SEC_RETAINED]) st = read_retained(&sec[SEC_RETAINED], e);
+    if (!st) st = stream_init(e);
     if (st) {
         engine_release(e);
         return st;
@@ -555,8 +567,16 @@ trtshim_status trtshim_engine_deserialize(const void *data, uint64_t size, trtsh
     int has_retained = 0;
     for (int32_t i = 0; i < e->num_weights; i++) has_retained |= e->weights[i].retained != NULL;
     e->retained_valid = with_weights && (seen[SEC_RETAINED] || !has_retained);
+    if (keep_mapping) {
+        e->file_map = (void *)data;
+        e->file_map_bytes = size;
+    }
     *out = e;
     return TRTSHIM_OK;
+}
+
+trtshim_status trtshim_engine_deserialize(const void *data, uint64_t size, trtshim_engine **out) {
+    return deserialize(data, size, 0, out);
 }
 
 /* ---- files ---------------------------------------------------------------------------------- */
@@ -639,13 +659,20 @@ trtshim_status trtshim_engine_load(const char *path, trtshim_engine **out) {
         }
     }
     close(fd);
-    trtshim_status st = trtshim_engine_deserialize(buf ? (const void *)buf : map, size, out);
+    trtshim_status st = deserialize(buf ? (const void *)buf : map, size, buf == NULL, out);
+    /* A streaming engine that kept the mapping refits its streamed weights in place there: private
+       copy-on-write pages, the file itself is never written. */
+    if (!st && (*out)->file_map && mprotect(map, (size_t)size, PROT_READ | PROT_WRITE) != 0) {
+        trtshim_engine_destroy(*out);
+        *out = NULL;
+        return set_error(TRTSHIM_ERR_IO, "engine_load '%s': cannot make the mapped weights writable: %s", path, strerror(errno));
+    }
     if (st) {
         char msg[1100];
         snprintf(msg, sizeof(msg), "%s", trtshim_last_error());
         set_error(st, "engine_load '%s': %s", path, msg);
     }
     if (buf) free(buf);
-    else munmap(map, (size_t)size);
+    else if (st || !(*out)->file_map) munmap(map, (size_t)size);
     return st;
 }

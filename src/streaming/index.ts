@@ -1,0 +1,3 @@
+export * from './apportion.js';
+export * from './budget.js';
+export * from './streaming.js';
