@@ -5,6 +5,7 @@
  */
 import { Command, CommanderError } from 'commander';
 import { runDemo, type DemoReport } from '../demo/run.js';
+import { registerRefitCommands } from './refit-commands.js';
 
 export const ExitCode = { ok: 0, checkFailed: 1, badInput: 2, internal: 3 } as const;
 
@@ -46,6 +47,13 @@ export const main = async (argv: readonly string[]): Promise<number> => {
       else printDemo(report);
       exitCode = report.pass ? ExitCode.ok : ExitCode.checkFailed;
     });
+
+  registerRefitCommands(program, {
+    json: () => program.opts<GlobalOptions>().json === true,
+    setExitCode: (code) => {
+      exitCode = code;
+    },
+  });
 
   try {
     await program.parseAsync(argv as string[], { from: 'user' });

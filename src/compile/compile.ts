@@ -1,0 +1,232 @@
+/**
+ * The compile step: an ONNX file and its build checkpoint -> a RefitModel (src/model), ready to run,
+ * refit and save as a .trtr file.
+ *
+ *   read ONNX + checkpoint -> prepareForRefit (restore dropped zero biases; untie shared initializers)
+ *   -> analyze -> partition -> weight map against the build checkpoint (unmapped refittable weights are an
+ *   error unless allowed) -> lower and build each engine segment natively, encode and open each fallback
+ *   segment -> record the source digests every target holds.
+ *
+ * The pure part (`planCompile`) ends at the lowered segments and the map; `compileTE` adds the files and
+ * the native library. Engines are built with an EngineBuilder capability (tests substitute it).
+ */
+import { readFile } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import * as E from 'fp-ts/lib/Either.js';
+import * as TE from 'fp-ts/lib/TaskEither.js';
+import { pipe } from 'fp-ts/lib/function.js';
+import { buildEngine, type BuildOptions, type Engine } from '../../ffi/engine.js';
+import { openCheckpointTE, type Checkpoint } from '../checkpoint/checkpoint.js';
+import { describeCheckpointIssue } from '../checkpoint/errors.js';
+import { decodeOnnx } from '../trace/decode.js';
+import { directoryResolver } from '../trace/load.js';
+import { analyzeGraph, type AnalyzedGraph } from '../trace/analyze.js';
+import { describeTraceError } from '../trace/errors.js';
+import { partitionGraph, type PartitionOptions, type Segment } from '../partition/index.js';
+import { lowerContext, lowerSegment, type LoweredSegment } from '../network/lower.js';
+import { encodeSegmentModel } from '../fallback/model.js';
+import { prepareForRefit } from '../weightmap/prepare.js';
+import { nodeScopes } from '../weightmap/scopes.js';
+import { buildWeightMap, describeWeightMapError, type WeightMap, type WeightMapErrorDetail } from '../weightmap/map.js';
+import type { TensorStore } from '../weightmap/store.js';
+import type { NetworkDefinition } from '../network/types.js';
+import { FallbackRunner, openOrtSession, type SessionOpener } from '../model/fallback.js';
+import { RefitModel, type Stage } from '../model/model.js';
+import type { PartitionReport, TensorDesc } from '../model/format.js';
+
+export type WeightPrecision = 'float32' | 'float16' | 'bfloat16';
+
+export interface CompileOptions extends PartitionOptions {
+  /** Build even when refittable weights have no checkpoint source (they keep their built values). */
+  readonly allowUnmapped?: boolean;
+  readonly weightPrecision?: WeightPrecision;
+  readonly tacticSearch?: boolean;
+  readonly numThreads?: number;
+}
+
+export type CompileErrorDetail =
+  | { readonly _tag: 'ModelUnreadable'; readonly path: string; readonly detail: string }
+  | { readonly _tag: 'CheckpointUnreadable'; readonly path: string; readonly detail: string }
+  | { readonly _tag: 'TraceFailed'; readonly path: string; readonly detail: string }
+  | { readonly _tag: 'PartitionFailed'; readonly detail: string }
+  | { readonly _tag: 'LowerFailed'; readonly segment: number; readonly detail: string }
+  | { readonly _tag: 'UnmappedWeights'; readonly weights: readonly { readonly id: string; readonly reason: string }[] }
+  | { readonly _tag: 'WeightMapFailed'; readonly detail: string }
+  | { readonly _tag: 'ConstantOutput'; readonly output: string }
+  | { readonly _tag: 'BuildFailed'; readonly segment: number; readonly detail: string };
+
+export const describeCompileError = (e: CompileErrorDetail): string => {
+  switch (e._tag) {
+    case 'ModelUnreadable': return `${e.path}: cannot read the ONNX model: ${e.detail}`;
+    case 'CheckpointUnreadable': return `${e.path}: cannot read the build checkpoint: ${e.detail}`;
+    case 'TraceFailed': return `${e.path}: ${e.detail}`;
+    case 'PartitionFailed': return `partition: ${e.detail}`;
+    case 'LowerFailed': return `engine segment ${e.segment} cannot be lowered: ${e.detail}`;
+    case 'UnmappedWeights': return `${describeWeightMapError({ _tag: 'UnmappedWeights', weights: e.weights })} (pass allowUnmapped / --allow-unmapped to build anyway)`;
+    case 'WeightMapFailed': return `weight map: ${e.detail}`;
+    case 'ConstantOutput': return `model output '${e.output}' is a constant of the graph; a compiled model needs every output computed`;
+    case 'BuildFailed': return `engine segment ${e.segment}: the engine build failed: ${e.detail}`;
+  }
+};
+
+export class CompileError extends Error {
+  override readonly name = 'CompileError';
+  readonly _tag: CompileErrorDetail['_tag'];
+  constructor(readonly detail: CompileErrorDetail) {
+    super(describeCompileError(detail));
+    this._tag = detail._tag;
+  }
+}
+
+/** What the pure part of the compile step produces. */
+export interface CompilePlan {
+  readonly analyzed: AnalyzedGraph;
+  readonly segments: readonly { readonly segment: Segment; readonly lowered?: LoweredSegment }[];
+  readonly weightMap: WeightMap;
+  readonly partition: PartitionReport;
+  readonly tensors: readonly TensorDesc[];
+}
+
+const weightMapFailure = (e: WeightMapErrorDetail): CompileErrorDetail =>
+  e._tag === 'UnmappedWeights' ? e : { _tag: 'LowerFailed', segment: e.segment, detail: e.reason };
+
+/** Trace (prepared for refit), partition, lower and map: pure, ONNX bytes and checkpoint in. */
+export const planCompile = (path: string, onnx: Uint8Array, checkpoint: TensorStore, options: CompileOptions = {}): E.Either<CompileErrorDetail, CompilePlan> => {
+  const decoded = decodeOnnx(onnx, directoryResolver(dirname(path)));
+  if (E.isLeft(decoded)) return E.left({ _tag: 'TraceFailed', path, detail: describeTraceError(decoded.left) });
+  const analyzedOr = analyzeGraph(prepareForRefit(decoded.right, checkpoint));
+  if (E.isLeft(analyzedOr)) return E.left({ _tag: 'TraceFailed', path, detail: describeTraceError(analyzedOr.left) });
+  const analyzed = analyzedOr.right;
+  const ctx = lowerContext(analyzed);
+  const parted = partitionGraph(analyzed, options, ctx);
+  if (E.isLeft(parted)) return E.left({ _tag: 'PartitionFailed', detail: `${parted.left.option}: ${parted.left.reason}` });
+  for (const output of analyzed.graph.outputs) if (analyzed.constants.has(output)) return E.left({ _tag: 'ConstantOutput', output });
+  const map = buildWeightMap({ analyzed, segments: parted.right.segments, checkpoint, scopes: nodeScopes(onnx) }, { allowUnmapped: options.allowUnmapped ?? false });
+  if (E.isLeft(map)) return E.left(weightMapFailure(map.left));
+  const live = parted.right.segments.filter((s) => s.outputs.length > 0); // dead segments never run
+  const segments: { segment: Segment; lowered?: LoweredSegment }[] = [];
+  for (const segment of live) {
+    if (segment.kind === 'fallback') {
+      segments.push({ segment });
+      continue;
+    }
+    const lowered = lowerSegment(ctx, segment);
+    if (E.isLeft(lowered)) return E.left({ _tag: 'LowerFailed', segment: segment.index, detail: JSON.stringify(lowered.left) });
+    segments.push({ segment, lowered: lowered.right });
+  }
+  const boundary = new Set<string>([...analyzed.graph.inputs.map((i) => i.name), ...analyzed.graph.outputs, ...live.flatMap((s) => [...s.inputs, ...s.outputs])]);
+  const tensors = [...boundary].sort().map((name) => {
+    const type = analyzed.types.get(name)!;
+    return { name, dtype: type.dtype, shape: [...type.shape] };
+  });
+  const partition: PartitionReport = {
+    segments: live.map((s) => ({ index: s.index, kind: s.kind, nodes: s.nodes.length, opTypes: [...new Set(s.nodes.map((n) => n.opType))] })),
+    folded: parted.right.folded.length,
+    fallbackReasons: [...parted.right.fallbackReasons].map(([node, reason]) => ({ node, reason })),
+  };
+  return E.right({ analyzed, segments, weightMap: map.right, partition, tensors });
+};
+
+/** Builds one engine segment's network (the native library by default). */
+export type EngineBuilder = (network: NetworkDefinition, segment: number, options: BuildOptions) => Engine;
+export const nativeBuilder: EngineBuilder = (network, _segment, options) => buildEngine(network, options);
+
+export interface CompileCapabilities {
+  readonly buildEngine?: EngineBuilder;
+  readonly openSession?: SessionOpener;
+}
+
+/** Builds the engines and opens the fallbacks of a compile plan. */
+export const realize = async (plan: CompilePlan, options: CompileOptions = {}, caps: CompileCapabilities = {}, source = ''): Promise<E.Either<CompileErrorDetail, RefitModel>> => {
+  const build = caps.buildEngine ?? nativeBuilder;
+  const buildOptions: BuildOptions = {
+    refittable: true,
+    ...(options.weightPrecision !== undefined ? { weightPrecision: options.weightPrecision } : {}),
+    ...(options.tacticSearch !== undefined ? { tacticSearch: options.tacticSearch } : {}),
+    ...(options.numThreads !== undefined ? { numThreads: options.numThreads } : {}),
+  };
+  const { analyzed } = plan;
+  const desc = (name: string): TensorDesc => {
+    const type = analyzed.types.get(name)!;
+    return { name, dtype: type.dtype, shape: [...type.shape] };
+  };
+  const stages: Stage[] = [];
+  const release = () => {
+    for (const s of stages) {
+      if (s.kind === 'engine') {
+        s.context[Symbol.dispose]();
+        s.engine[Symbol.dispose]();
+      } else s.runner[Symbol.dispose]();
+    }
+  };
+  for (const { segment, lowered } of plan.segments) {
+    const base = { index: segment.index, inputs: [...segment.inputs], outputs: [...segment.outputs] };
+    try {
+      if (lowered !== undefined) {
+        const engine = build(lowered.network, segment.index, buildOptions);
+        let context;
+        try {
+          context = engine.createContext();
+        } catch (e) {
+          engine[Symbol.dispose]();
+          throw e;
+        }
+        stages.push({ kind: 'engine', record: { kind: 'engine', ...base, layers: lowered.network.layers.length, weights: lowered.weights.length }, engine, context, origin: undefined });
+      } else {
+        const initializers = new Map(segment.constants.map((c) => [c, analyzed.constants.get(c)!.tensor]));
+        const bytes = encodeSegmentModel({
+          name: `segment${segment.index}`, opset: analyzed.graph.opset, nodes: segment.nodes,
+          inputs: segment.inputs.map((name) => ({ name, type: analyzed.types.get(name)! })),
+          outputs: segment.outputs.map((name) => ({ name, type: analyzed.types.get(name)! })),
+          initializers,
+        });
+        const runner = await FallbackRunner.open(segment.index, bytes, segment.inputs.map(desc), segment.outputs.map(desc), caps.openSession ?? openOrtSession);
+        const inits = [...initializers].map(([name, t]) => ({ name, dtype: t.dtype, shape: [...t.shape] }));
+        stages.push({ kind: 'fallback', record: { kind: 'fallback', ...base, initializers: inits }, runner });
+      }
+    } catch (e) {
+      release();
+      return E.left({ _tag: 'BuildFailed', segment: segment.index, detail: (e as Error).message });
+    }
+  }
+  const current: Record<string, string> = {};
+  for (const t of plan.weightMap.targets) if (t.status === 'mapped') current[t.id] = t.built.sourceDigest;
+  const description = {
+    inputs: analyzed.graph.inputs.map((i) => desc(i.name)),
+    outputs: [...analyzed.graph.outputs],
+    tensors: plan.tensors,
+    partition: plan.partition,
+    build: { weightPrecision: options.weightPrecision ?? 'float32', tacticSearch: options.tacticSearch ?? false, allowUnmapped: options.allowUnmapped ?? false, source },
+    weightMap: plan.weightMap,
+  } as const;
+  return E.right(new RefitModel(description, current, stages));
+};
+
+const readOnnx = (path: string): TE.TaskEither<CompileErrorDetail, Uint8Array> =>
+  TE.tryCatch(async () => new Uint8Array(await readFile(path)), (e) => ({ _tag: 'ModelUnreadable', path, detail: (e as Error).message }));
+
+const openBuildCheckpoint = (path: string): TE.TaskEither<CompileErrorDetail, Checkpoint> =>
+  pipe(openCheckpointTE(path), TE.mapLeft((issue) => ({ _tag: 'CheckpointUnreadable', path, detail: describeCheckpointIssue(issue) })));
+
+/** Compiles an ONNX file with its build checkpoint into a RefitModel (in memory; see writeModelFile). */
+export const compileTE = (onnxPath: string, checkpointPath: string, options: CompileOptions = {}, caps: CompileCapabilities = {}): TE.TaskEither<CompileErrorDetail, RefitModel> =>
+  pipe(
+    TE.Do,
+    TE.bind('onnx', () => readOnnx(onnxPath)),
+    TE.bind('checkpoint', () => openBuildCheckpoint(checkpointPath)),
+    TE.chain(({ onnx, checkpoint }) => async () => {
+      try {
+        const plan = planCompile(onnxPath, onnx, checkpoint, options);
+        return E.isLeft(plan) ? plan : await realize(plan.right, options, caps, onnxPath);
+      } finally {
+        checkpoint.close();
+      }
+    }),
+  );
+
+/** Compiles; rejects with CompileError (UnmappedWeights lists every weight without a source). */
+export const compile = async (onnxPath: string, checkpointPath: string, options: CompileOptions = {}, caps: CompileCapabilities = {}): Promise<RefitModel> => {
+  const r = await compileTE(onnxPath, checkpointPath, options, caps)();
+  if (E.isLeft(r)) throw new CompileError(r.left);
+  return r.right;
+};

@@ -1,0 +1,2 @@
+export * from './compile.js';
+export * from './network.js';

@@ -1,0 +1,115 @@
+/**
+ * What the effect layer touches, passed in so tests substitute it: the transform evaluator, the native
+ * refitter, fallback sessions, undo snapshots (file access), a progress sink and a clock.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as E from 'fp-ts/lib/Either.js';
+import { Engine } from '../../ffi/engine.js';
+import { native } from '../../ffi/library.js';
+import { evaluateExprNative, mergeLoraNative } from '../../ffi/transform.js';
+import { mergeAdapters, type LoraErrorDetail, type WeightedAdapter } from '../lora/lora.js';
+import type { TensorStore } from '../weightmap/store.js';
+import type { Weights, WeightRole } from '../network/types.js';
+import type { Expr } from '../weightmap/expr.js';
+import { evaluateExpr, type EvalError, type F32Tensor, type SourceLookup } from '../weightmap/evaluate.js';
+import { openOrtSession, type SessionOpener } from '../model/fallback.js';
+import { readBlob } from '../model/file.js';
+import type { EngineOrigin } from '../model/model.js';
+
+/** The refitter calls the effect uses (ffi's Refitter has them). */
+export interface RefitterLike extends Disposable {
+  setWeights(layer: string, role: WeightRole, weights: Weights): void;
+  setCheckFinite(check: boolean): void;
+  missing(): Array<{ layer: string; role: WeightRole }>;
+  validate(): void;
+  apply(): void;
+}
+
+export interface RefitProgress {
+  readonly phase: 'fallback' | 'engine' | 'verify' | 'done';
+  /** Targets staged so far, of `total` changed targets. */
+  readonly done: number;
+  readonly total: number;
+  readonly bytesDone: number;
+  readonly bytesTotal: number;
+  readonly target?: string;
+  readonly elapsedMs: number;
+}
+
+/** A saved engine state that can be read back as a new engine. */
+export interface Snapshot {
+  restore(): Promise<Engine>;
+  discard(): Promise<void>;
+}
+
+export interface SnapshotStore {
+  /** Saves an engine's state (with weights) before a refit changes it. */
+  save(segment: number, engine: Engine): Promise<Snapshot>;
+  /** The engine as a blob of a .trtr file holds it (when the engine still equals that blob). */
+  fromOrigin(origin: EngineOrigin): Snapshot;
+}
+
+export interface EffectCapabilities {
+  /** Computes a target's value from checkpoint tensors. The TypeScript reference evaluator by default. */
+  readonly transform: (expr: Expr, lookup: SourceLookup) => E.Either<EvalError, F32Tensor>;
+  /** A refitter on an engine segment's engine. */
+  readonly refitter: (segment: number, engine: Engine) => RefitterLike;
+  /** Opens an ONNX Runtime session for a fallback segment's new model bytes. */
+  readonly openSession: SessionOpener;
+  readonly snapshots: SnapshotStore;
+  readonly onProgress?: (p: RefitProgress) => void;
+  /** Milliseconds, monotonic. */
+  readonly clock: () => number;
+}
+
+/** Engine snapshots as engine files in a private temporary directory (written by libtrtshim itself, so
+ *  no engine bytes pass through JavaScript memory). */
+export const temporarySnapshots = (): SnapshotStore => ({
+  save: async (segment, engine) => {
+    const directory = await mkdtemp(join(tmpdir(), 'trt-refit-undo-'));
+    const path = join(directory, `segment${segment}.engine`);
+    try {
+      engine.save(path);
+    } catch (e) {
+      await rm(directory, { recursive: true, force: true });
+      throw e;
+    }
+    return {
+      restore: async () => Engine.load(path),
+      discard: () => rm(directory, { recursive: true, force: true }),
+    };
+  },
+  fromOrigin: (origin) => ({
+    restore: async () => Engine.deserialize(await readBlob(origin.path, origin.blob, origin.identity)),
+    discard: async () => undefined,
+  }),
+});
+
+/** True when the loaded libtrtshim has the transform kernels (ffi/transform.ts). */
+export const nativeTransformsAvailable = (): boolean => {
+  try {
+    native('trtshim_transform_permute');
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+/** The weight map's evaluator: libtrtshim's kernels where the library has them (the same bits as the
+ *  TypeScript reference, which tests check), else the TypeScript reference itself. */
+export const defaultTransform = (): EffectCapabilities['transform'] => (nativeTransformsAvailable() ? (expr, lookup) => evaluateExprNative(expr, lookup) : evaluateExpr);
+
+/** LoRA merging, native where available (bit for bit as mergeAdapters). */
+export const defaultMerge = (): ((base: TensorStore, adapters: readonly WeightedAdapter[]) => E.Either<LoraErrorDetail, TensorStore>) =>
+  nativeTransformsAvailable() ? (base, adapters) => mergeLoraNative(base, adapters) : mergeAdapters;
+
+export const defaultCapabilities = (overrides: Partial<EffectCapabilities> = {}): EffectCapabilities => ({
+  transform: defaultTransform(),
+  refitter: (_segment, engine) => engine.createRefitter(),
+  openSession: openOrtSession,
+  snapshots: temporarySnapshots(),
+  clock: () => performance.now(),
+  ...overrides,
+});

@@ -1,0 +1,3 @@
+export * from './capabilities.js';
+export * from './effect.js';
+export * from './files.js';
