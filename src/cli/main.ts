@@ -15,14 +15,17 @@ interface GlobalOptions {
 }
 
 const printDemo = (report: DemoReport): void => {
+  console.log(`engine: ${report.engine}`);
   for (const model of report.models) {
-    console.log(`\n${model.name}`);
+    console.log(`\n${model.name}  (${model.segments.engine} engine segment(s), ${model.segments.fallback} fallback segment(s))`);
     for (const step of model.steps) {
-      const check = step.check === undefined ? '' : step.check.pass ? `  ok (max error ${step.check.maxError.toExponential(2)})` : `  FAILED (max error ${step.check.maxError.toExponential(2)})`;
-      console.log(`  ${step.step.padEnd(28)} ${(step.seconds * 1000).toFixed(1).padStart(9)} ms${check}`);
+      const moved = step.bytesMoved === undefined ? '' : `${(step.bytesMoved / 1024).toFixed(1).padStart(8)} KiB moved`;
+      const check =
+        step.check === undefined ? '' : `  ${step.check.pass ? 'ok' : 'FAILED'} (max error ${step.check.maxError.toExponential(2)})`;
+      console.log(`  ${step.step.padEnd(28)} ${(step.seconds * 1000).toFixed(1).padStart(9)} ms ${moved.padStart(18)}${check}`);
     }
   }
-  console.log(`\n${report.pass ? 'all output checks passed' : 'some output checks FAILED'}`);
+  console.log(`\n${report.pass ? 'all output checks passed (PyTorch outputs, 1e-4 rel + 1e-5 abs)' : 'some output checks FAILED'}`);
 };
 
 /** Runs the CLI; never throws. */

@@ -1,14 +1,17 @@
 /**
- * The main job on the shipped fixtures, on the embedded default engine (libtrtshim's `ref` CPU backend):
- * for each model, build a refittable engine from weights_v1 and check it against PyTorch's output, refit it
- * to weights_v2 and check again, then time a full build with v2 against the refit.
+ * The main job on the shipped fixtures, on the embedded default engine (libtrtshim's `ref` CPU backend).
+ * For every fixture model: compile its ONNX export once with weights_v1 and check the outputs against
+ * PyTorch's, refit to weights_v2, apply the LoRA adapter where there is one, go back to v1, and check the
+ * outputs after each step. Timings show what a refit costs against the compile it replaces.
  */
 import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { buildEngine, type Engine } from '../../ffi/index.js';
-import { openSafetensors } from '../safetensors/index.js';
-import { cnnModel, mlpModel, type HandModel, type HostTensor } from './models.js';
+import * as E from 'fp-ts/lib/Either.js';
+import { compile } from '../compile/index.js';
+import { readTensorsTE, refitModel, type WeightsSpec } from '../effect/index.js';
+import type { RefitModel } from '../model/index.js';
+import type { Tensor } from '../trace/ir.js';
 
 export interface OutputCheck {
   readonly pass: boolean;
@@ -18,12 +21,21 @@ export interface OutputCheck {
 export interface DemoStep {
   readonly step: string;
   readonly seconds: number;
+  /** Bytes of engine weights the step changed (refits only). */
+  readonly bytesMoved?: number;
   readonly check?: OutputCheck;
+}
+
+export interface DemoModel {
+  readonly name: string;
+  readonly onnx: string;
+  readonly segments: { readonly engine: number; readonly fallback: number };
+  readonly steps: readonly DemoStep[];
 }
 
 export interface DemoReport {
   readonly engine: string;
-  readonly models: ReadonlyArray<{ readonly name: string; readonly steps: readonly DemoStep[] }>;
+  readonly models: readonly DemoModel[];
   readonly pass: boolean;
 }
 
@@ -43,18 +55,8 @@ export const defaultFixturesDir = (): string => {
   throw new FixturesNotFoundError('cannot find the fixtures folder ../shared/fixtures; pass --fixtures DIR');
 };
 
-const readFloatTensors = async (path: string): Promise<Map<string, HostTensor>> => {
-  using file = await openSafetensors(path);
-  const out = new Map<string, HostTensor>();
-  for (const [name, info] of file.tensors) {
-    if (info.dtype !== 'F32') continue;
-    out.set(name, { shape: [...info.shape], data: Float32Array.from(file.toFloat32(name)) });
-  }
-  return out;
-};
-
-/** PyTorch's tolerance for float32 engines, as the fixtures' README gives it: 1e-4 relative plus 1e-5 absolute. */
-export const compareOutputs = (actual: Float32Array, expected: Float32Array, rtol = 1e-4, atol = 1e-5): OutputCheck => {
+/** The fixtures' tolerance for float32 engines: 1e-4 relative plus 1e-5 absolute. */
+export const compareOutputs = (actual: ArrayLike<number>, expected: ArrayLike<number>, rtol = 1e-4, atol = 1e-5): OutputCheck => {
   if (actual.length !== expected.length) return { pass: false, maxError: Infinity };
   let pass = true;
   let maxError = 0;
@@ -66,57 +68,55 @@ export const compareOutputs = (actual: Float32Array, expected: Float32Array, rto
   return { pass, maxError };
 };
 
-const timed = <T>(fn: () => T): [T, number] => {
-  const start = process.hrtime.bigint();
-  const value = fn();
-  return [value, Number(process.hrtime.bigint() - start) / 1e9];
+const readTensors = async (path: string): Promise<Record<string, Tensor>> => {
+  const result = await readTensorsTE(path)();
+  if (E.isLeft(result)) throw new FixturesNotFoundError(`cannot read ${path}: ${result.left.detail}`);
+  return result.right;
 };
 
-const runModel = async (
-  fixtures: string,
-  name: string,
-  make: (tensors: ReadonlyMap<string, HostTensor>, batch: number) => HandModel,
-): Promise<{ name: string; steps: DemoStep[] }> => {
+const seconds = (start: bigint): number => Number(process.hrtime.bigint() - start) / 1e9;
+
+const checkOutput = async (model: RefitModel, inputs: Record<string, Tensor>, expectedPath: string): Promise<OutputCheck> => {
+  const expected = (await readTensors(expectedPath))['output'];
+  const outputs = await model.run(inputs);
+  const actual = outputs['output'] ?? Object.values(outputs)[0];
+  if (expected === undefined || actual === undefined) return { pass: false, maxError: Infinity };
+  return compareOutputs(actual.data as ArrayLike<number>, expected.data as ArrayLike<number>);
+};
+
+const runFixture = async (fixtures: string, name: string): Promise<DemoModel> => {
   const dir = join(fixtures, name);
-  const [v1, v2, inputs, expected1, expected2] = await Promise.all(
-    ['weights_v1', 'weights_v2', 'inputs', 'expected_v1', 'expected_v2'].map((f) => readFloatTensors(join(dir, `${f}.safetensors`))),
-  );
-  const x = inputs.get('x');
-  const want1 = expected1.get('output');
-  const want2 = expected2.get('output');
-  if (x === undefined || want1 === undefined || want2 === undefined) {
-    throw new FixturesNotFoundError(`fixture ${name} lacks input 'x' or output 'output'`);
-  }
-  const model1 = make(v1, x.shape[0]);
-  const model2 = make(v2, x.shape[0]);
+  const onnx = join(dir, 'model_dynamo.onnx');
+  const inputs = await readTensors(join(dir, 'inputs.safetensors'));
   const steps: DemoStep[] = [];
 
-  const [engine, buildSeconds] = timed(() => buildEngine(model1.network, { refittable: true, tacticSearch: true }));
-  using _engine: Engine = engine;
-  const [out1, run1] = timed(() => engine.run({ x: x.data }).output);
-  steps.push({ step: 'build (v1, tactic search)', seconds: buildSeconds });
-  steps.push({ step: 'run v1', seconds: run1, check: compareOutputs(out1, want1.data) });
+  let start = process.hrtime.bigint();
+  using model = await compile(onnx, join(dir, 'weights_v1.safetensors'), { tacticSearch: true });
+  steps.push({ step: 'compile (v1)', seconds: seconds(start), check: await checkOutput(model, inputs, join(dir, 'expected_v1.safetensors')) });
 
-  const updates = model2.bindings.map((b) => {
-    const t = v2.get(b.source);
-    if (t === undefined) throw new FixturesNotFoundError(`weights_v2 of ${name} lacks '${b.source}'`);
-    return { layer: b.layer, role: b.role, weights: { dtype: 'float32' as const, shape: t.shape, data: t.data } };
-  });
-  const [, refitSeconds] = timed(() => engine.refit(updates));
-  const [out2, run2] = timed(() => engine.run({ x: x.data }).output);
-  steps.push({ step: 'refit to v2', seconds: refitSeconds });
-  steps.push({ step: 'run v2', seconds: run2, check: compareOutputs(out2, want2.data) });
+  const refitStep = async (label: string, weights: WeightsSpec, expected: string): Promise<void> => {
+    const begin = process.hrtime.bigint();
+    const { report } = await refitModel(model, weights);
+    const took = seconds(begin);
+    steps.push({ step: label, seconds: took, bytesMoved: report.bytesMoved, check: await checkOutput(model, inputs, join(dir, expected)) });
+  };
+  await refitStep('refit to v2', { checkpoint: join(dir, 'weights_v2.safetensors') }, 'expected_v2.safetensors');
+  if (existsSync(join(dir, 'lora', 'adapter_config.json'))) {
+    await refitStep('refit v1 + LoRA', { checkpoint: join(dir, 'weights_v1.safetensors'), lora: [{ path: join(dir, 'lora'), weight: 1 }] }, 'expected_lora.safetensors');
+  }
+  await refitStep('refit back to v1', { checkpoint: join(dir, 'weights_v1.safetensors') }, 'expected_v1.safetensors');
+  await refitStep('refit v1 again (no change)', { checkpoint: join(dir, 'weights_v1.safetensors') }, 'expected_v1.safetensors');
 
-  const [rebuilt, rebuildSeconds] = timed(() => buildEngine(model2.network, { refittable: true, tacticSearch: true }));
-  using _rebuilt: Engine = rebuilt;
-  const same = Buffer.from(rebuilt.run({ x: x.data }).output.buffer).equals(Buffer.from(out2.buffer));
-  steps.push({ step: 'full build (v2), for scale', seconds: rebuildSeconds, check: { pass: same, maxError: same ? 0 : Infinity } });
-  return { name, steps };
+  const engines = model.engineStages().length;
+  return { name, onnx, segments: { engine: engines, fallback: model.fallbackStages().length }, steps };
 };
+
+export const demoFixtures = ['mlp', 'cnn_bn', 'bert_tiny', 'gpt2_tiny'] as const;
 
 export const runDemo = async (options: { fixturesDir?: string } = {}): Promise<DemoReport> => {
   const fixtures = options.fixturesDir ?? defaultFixturesDir();
-  const models = [await runModel(fixtures, 'mlp', mlpModel), await runModel(fixtures, 'cnn_bn', cnnModel)];
+  const models: DemoModel[] = [];
+  for (const name of demoFixtures) models.push(await runFixture(fixtures, name));
   const pass = models.every((m) => m.steps.every((s) => s.check === undefined || s.check.pass));
   return { engine: 'libtrtshim ref (CPU)', models, pass };
 };
