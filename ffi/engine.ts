@@ -20,6 +20,43 @@ export interface BuildOptions {
   weightStreaming?: boolean; // default false
   tacticSearch?: boolean; // default false
   numThreads?: number; // default 0 = one per core
+  /** Quantized kernel format of GEMM and convolution weights (default: weightPrecision). Norms, embeddings
+   *  and other constants stay in full precision. */
+  weightFormat?: KernelFormat;
+  /** Convolution kernels only (default: weightFormat); 'asPrecision' keeps them in weightPrecision. */
+  convWeightFormat?: KernelFormat | 'asPrecision';
+  /** Rows of K per int4 scale (default 128). */
+  int4GroupSize?: 32 | 64 | 128;
+}
+
+/** Quantized kernel formats (trtshim_weight_format). */
+export type KernelFormat = 'int8' | 'fp8_e4m3' | 'int4';
+export const KernelFormatCode = { asPrecision: 0, int8: 1, fp8_e4m3: 2, int4: 3 } as const;
+const kernelFormatName = (code: number): KernelFormat | 'asPrecision' => {
+  const entry = Object.entries(KernelFormatCode).find(([, v]) => v === code);
+  if (entry === undefined) throw new NativeError('weight format', Status.ARGUMENT, 'Argument', `unknown weight format code ${code}`);
+  return entry[0] as KernelFormat | 'asPrecision';
+};
+
+/** The kernel format an engine holds a weight in. */
+export interface WeightKernelFormat {
+  layer: string;
+  role: WeightRole;
+  format: KernelFormat | 'asPrecision';
+  /** int4 group size; 0 otherwise. */
+  groupSize: number;
+}
+
+/** An already-quantized kernel (a compressed-tensors / vLLM checkpoint's weight + weight_scale), in the
+ *  layouts trtshim_refitter_set_quantized_weights describes: int8 / fp8 one value per element, int4 two per
+ *  byte along K (offset binary, low nibble first). */
+export interface QuantizedWeights {
+  format: KernelFormat;
+  /** int4: the checkpoint's group size; ignored otherwise. */
+  groupSize?: number;
+  values: Int8Array | Uint8Array;
+  scales: Float32Array;
+  zeroPoints?: Int8Array | Int32Array;
 }
 
 export interface EngineWeight {
@@ -123,6 +160,12 @@ export const buildConfig = (options: BuildOptions = {}) => {
   if (options.weightStreaming !== undefined) config.weight_streaming = options.weightStreaming ? 1 : 0;
   if (options.tacticSearch !== undefined) config.tactic_search = options.tacticSearch ? 1 : 0;
   if (options.numThreads !== undefined) config.num_threads = options.numThreads;
+  if (options.weightFormat !== undefined) {
+    config.gemm_weight_format = KernelFormatCode[options.weightFormat];
+    config.conv_weight_format = KernelFormatCode[options.weightFormat];
+  }
+  if (options.convWeightFormat !== undefined) config.conv_weight_format = KernelFormatCode[options.convWeightFormat];
+  if (options.int4GroupSize !== undefined) config.int4_group_size = options.int4GroupSize;
   return config;
 };
 
@@ -205,6 +248,18 @@ export class Engine implements Disposable {
       out.push({ layer: String(name[0]), role: roleName(role[0]), dtype: dtypeName(dtype[0]), shape: Array.from(dims.subarray(0, rank[0]), Number), bytes: num(bytes[0]) });
     }
     return out;
+  }
+
+  /** The kernel format of every refittable weight (quantized for the kernels of quantized GEMMs and
+   *  convolutions, 'asPrecision' for the rest). */
+  kernelFormats(): WeightKernelFormat[] {
+    const h = this.#handle.get();
+    return this.weights().map((w, i) => {
+      const format = [0];
+      const groupSize = [0];
+      call('trtshim_engine_weight_format', h, i, format, groupSize);
+      return { layer: w.layer, role: w.role, format: kernelFormatName(format[0]), groupSize: groupSize[0] };
+    });
   }
 
   describe(): unknown {
@@ -381,7 +436,7 @@ export class ExecutionContext implements Disposable {
 export class Refitter implements Disposable {
   readonly #handle: Handle;
   // Staged values: C stores the pointers without copying until apply returns or the refitter dies.
-  readonly #staged = new Map<string, Weights['data']>();
+  readonly #staged = new Map<string, ArrayBufferView>();
 
   /** @internal use Engine.createRefitter. */
   constructor(handle: unknown) {
@@ -391,6 +446,20 @@ export class Refitter implements Disposable {
   setWeights(layer: string, role: WeightRole, weights: Weights): void {
     call('trtshim_refitter_set_weights', this.#handle.get(), layer, Role[role], nativeWeights(weights));
     this.#staged.set(`${layer}\u0000${role}`, weights.data);
+  }
+
+  /** Stages an already-quantized kernel: checked against the engine's format now, packed by apply without
+   *  re-quantizing. Throws NativeError naming the weight on a mismatch (nothing is staged then). */
+  setQuantizedWeights(layer: string, role: WeightRole, q: QuantizedWeights): void {
+    const valuesDType = q.format === 'int8' ? DType.int8 : q.format === 'fp8_e4m3' ? DType.fp8_e4m3 : DType.uint8;
+    // A typed array of the other signedness is viewed, not converted: the bytes are the codes.
+    const values = { dtype: valuesDType, values: q.values.length === 0 ? new Uint8Array(1) : q.values, count: q.values.length };
+    const scales = { dtype: DType.float32, values: q.scales.length === 0 ? new Float32Array(1) : q.scales, count: q.scales.length };
+    const zeroPoints =
+      q.zeroPoints === undefined ? null : { dtype: q.zeroPoints instanceof Int8Array ? DType.int8 : DType.int32, values: q.zeroPoints, count: q.zeroPoints.length };
+    call('trtshim_refitter_set_quantized_weights', this.#handle.get(), layer, Role[role], q.format === 'int4' ? (q.groupSize ?? 0) : 0, values, scales, zeroPoints);
+    this.#staged.set(`${layer}\u0000${role}`, q.values);
+    this.#staged.set(`${layer}\u0000${role}\u0000scales`, q.scales);
   }
 
   setCheckFinite(check: boolean): void {

@@ -10,7 +10,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** The ABI version this TypeScript side was written against (TRTSHIM_ABI_VERSION). */
-export const EXPECTED_ABI_VERSION = 1;
+export const EXPECTED_ABI_VERSION = 2;
 export const MAX_RANK = 8;
 
 export const Status = {
@@ -129,6 +129,10 @@ export const types = (() => {
     weight_streaming: 'int32_t',
     tactic_search: 'int32_t',
     num_threads: 'int32_t',
+    // (quantization section) trtshim_weight_format values and the int4 group size
+    gemm_weight_format: 'int32_t',
+    conv_weight_format: 'int32_t',
+    int4_group_size: 'int32_t',
   });
   const engineInfo = koffi.struct('trtshim_engine_info', {
     num_io: 'int32_t',
@@ -257,6 +261,12 @@ const prototypes = {
   trtshim_engine_weight_streaming_scratch_size: 'int32_t trtshim_engine_weight_streaming_scratch_size(const trtshim_engine *engine, _Out_ uint64_t *bytes)',
   trtshim_engine_weight_streaming_stats:
     'int32_t trtshim_engine_weight_streaming_stats(const trtshim_engine *engine, _Out_ trtshim_weight_streaming_stats *stats)',
+
+  // (quantization section)
+  trtshim_engine_weight_format:
+    'int32_t trtshim_engine_weight_format(const trtshim_engine *engine, int32_t index, _Out_ int32_t *format, _Out_ int32_t *group_size)',
+  trtshim_refitter_set_quantized_weights:
+    'int32_t trtshim_refitter_set_quantized_weights(trtshim_refitter *refitter, const char *name, int32_t role, int32_t group_size, const trtshim_weights *values, const trtshim_weights *scales, const trtshim_weights *zero_points)',
 
   // (transforms section)
   trtshim_transform_permute:

@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 /* Bumped on any change of a signature, an enum value or a struct layout. */
-#define TRTSHIM_ABI_VERSION 1
+#define TRTSHIM_ABI_VERSION 2
 #define TRTSHIM_MAX_RANK 8
 
 typedef enum {
@@ -249,6 +249,11 @@ typedef struct {
     int32_t weight_streaming;       /* keep weights streamable under a budget (see Weight streaming) */
     int32_t tactic_search;          /* time candidate kernels per layer and keep the fastest */
     int32_t num_threads;            /* 0: one per core */
+    /* (quantization section) kernel formats, a trtshim_weight_format each; 0 (AS_PRECISION) keeps
+       weight_precision. Norms, embeddings and other constants are never quantized. */
+    int32_t gemm_weight_format;     /* GEMM kernels: fully connected layers and matrix multiplies by a constant */
+    int32_t conv_weight_format;     /* convolution kernels (after any batch norm fold) */
+    int32_t int4_group_size;        /* rows of K per int4 scale: 32, 64 or 128 (0: 128) */
 } trtshim_build_config;
 
 typedef struct trtshim_engine trtshim_engine;
@@ -420,6 +425,59 @@ typedef struct {
 /* The engine's own accounting of weight memory that stands for device memory. */
 TRTSHIM_API trtshim_status trtshim_engine_weight_streaming_stats(const trtshim_engine *engine,
                                                                  trtshim_weight_streaming_stats *stats);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Quantized weights                                                                               */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* (quantization section) */
+
+/* Kernel formats of GEMM and convolution weights (trtshim_build_config's gemm_weight_format and
+   conv_weight_format). The kernel widens each weight to w = q * scale in float32 and accumulates in
+   float32 as the float formats do; every tactic gives the same bits.
+     INT8       per output channel, symmetric: scale = max |w| / 127, q = round_even(w / scale) in [-127, 127].
+     FP8_E4M3   per output channel: scale = max |w| / 448, q = w / scale rounded to nearest even in e4m3.
+     INT4       per output channel and group of int4_group_size rows of K (the last group may be shorter):
+                scale = max |w| over the group / 7, q = round_even(w / scale) in [-7, 7]; stored two per byte.
+   A refit from float weights quantizes them into the engine's own buffers (same addresses) with the
+   transform a build uses, after folding any batch norm, so refit == rebuild bit for bit. Non-finite
+   values are refused (TRTSHIM_ERR_VALIDATION, nothing changed). */
+typedef enum {
+    TRTSHIM_WEIGHT_FORMAT_AS_PRECISION = 0, /* float32, float16 or bfloat16 as weight_precision says */
+    TRTSHIM_WEIGHT_FORMAT_INT8 = 1,
+    TRTSHIM_WEIGHT_FORMAT_FP8_E4M3 = 2,
+    TRTSHIM_WEIGHT_FORMAT_INT4 = 3
+} trtshim_weight_format;
+
+/* The kernel format of refittable weight `index` (as trtshim_engine_weight counts them): a quantized
+   format for the kernel of a quantized GEMM or convolution, AS_PRECISION for every other weight.
+   group_size: the int4 group size, 0 otherwise. */
+TRTSHIM_API trtshim_status trtshim_engine_weight_format(const trtshim_engine *engine, int32_t index,
+                                                        trtshim_weight_format *format, int32_t *group_size);
+
+/* Stages an already-quantized kernel (a compressed-tensors / vLLM checkpoint: weight + weight_scale),
+   packed later by apply without re-quantizing. The weight must be held in a quantized format; the
+   values must match it:
+     INT8       values INT8, one per element, in the weight's declared layout (a fully connected or
+                convolution kernel: [out, in...]; a constant matrix-multiply operand: as declared).
+     FP8_E4M3   values FP8_E4M3 codes, likewise (0x7f and 0xff, NaN, are refused).
+     INT4       values UINT8, two per byte along K (the input dimension): byte (j, k / 2) holds element
+                (j, k) in its low nibble for even k, its high nibble for odd k, each nibble q + 8
+                (offset binary, as compressed-tensors packs); rows of odd K end with a zero high nibble.
+   scales: FLOAT32, >= 0 and finite, one per output channel, for INT4 [out, groups] (for a constant
+   operand declared [K, N]: [groups, N]); group_size: the checkpoint's int4 group size (0 otherwise),
+   which must equal the engine's. zero_points: NULL, or INT8 / INT32 with one per scale; asymmetric
+   weights are not supported by the quantized kernels, so any non-zero zero point is refused with
+   TRTSHIM_ERR_UNSUPPORTED (a float engine takes such a checkpoint dequantized instead). Refused with
+   TRTSHIM_ERR_UNSUPPORTED too: a weight whose engine keeps it in another form as well (a batch-norm-
+   folded convolution kernel, a constant also read as a tensor). Every mismatch names the weight. As for
+   set_weights, nothing is copied: values and scales must stay valid until apply returns. Setting a
+   weight again (either way) replaces what was staged. */
+TRTSHIM_API trtshim_status trtshim_refitter_set_quantized_weights(trtshim_refitter *refitter, const char *name,
+                                                                  trtshim_role role, int32_t group_size,
+                                                                  const trtshim_weights *values,
+                                                                  const trtshim_weights *scales,
+                                                                  const trtshim_weights *zero_points);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Weight transforms (checkpoint tensors -> network weights, for the refit effect layer)           */

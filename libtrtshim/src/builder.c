@@ -16,6 +16,27 @@ void trtshim_build_config_default(trtshim_build_config *config) {
     config->refittable = 1;
     config->tactic_search = 0;
     config->num_threads = 0;
+    config->gemm_weight_format = TRTSHIM_WEIGHT_FORMAT_AS_PRECISION;
+    config->conv_weight_format = TRTSHIM_WEIGHT_FORMAT_AS_PRECISION;
+    config->int4_group_size = 128;
+}
+
+size_t step_block_bytes(const trtshim_engine *e, const step *s) {
+    if (s->quant.kind) return gemm_quant_packed_bytes(s->quant, s->K, s->N);
+    return gemm_packed_bytes(s->tactic, s->K, s->N, e->precision);
+}
+
+/* The quantized format of a step that packs a GEMM (conv = 0) or convolution (conv = 1) kernel. */
+static gemm_quant_format step_format(const trtshim_engine *e, int conv) {
+    int32_t f = conv ? e->conv_format : e->gemm_format;
+    gemm_quant_format q = {(gemm_quant_kind)f, f == TRTSHIM_WEIGHT_FORMAT_INT4 ? e->int4_group_size : 0};
+    return q;
+}
+
+gemm_quant_format unit_quant_format(const trtshim_engine *e, const unit *u) {
+    gemm_quant_format none = {(gemm_quant_kind)0, 0};
+    if (u->kind != UNIT_PACK_GEMM && u->kind != UNIT_PACK_CONV && u->kind != UNIT_FOLD) return none;
+    return e->steps[u->step].quant;
 }
 
 int32_t engine_find_weight(const trtshim_engine *e, const char *name, trtshim_role role) {
@@ -216,6 +237,12 @@ static int32_t matmul_const_b(const planner *p, const layer *l) {
     return c;
 }
 
+static void time_run(const trtshim_engine *e, gemm_quant_format quant, int t, int64_t M, int64_t N, int64_t K,
+                     const float *a, const void *packed, float *c) {
+    if (quant.kind) gemm_quant_run(t, quant, M, N, K, a, K, packed, NULL, TRTSHIM_UNARY_IDENTITY, c, N, e->num_threads);
+    else gemm_run(t, M, N, K, a, K, packed, e->precision, NULL, TRTSHIM_UNARY_IDENTITY, c, N, e->num_threads);
+}
+
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -226,7 +253,8 @@ static double now_seconds(void) {
    a few hundred columns (a multiple of 64) when the full product would take long: tactics differ in
    row blocking, vector width and threading, which the cut keeps, and a slow scalar tactic then costs
    milliseconds, not seconds. Each tactic runs once; those within 1.5x of the best run twice more. */
-static trtshim_status search_tactic(trtshim_engine *e, int64_t M, int64_t N, int64_t K, int32_t *tactic) {
+static trtshim_status search_tactic(trtshim_engine *e, gemm_quant_format quant, int64_t M, int64_t N, int64_t K,
+                                    int32_t *tactic) {
     *tactic = 0;
     int count = gemm_tactic_count();
     if (count <= 1 || M <= 0 || N <= 0 || K <= 0) return TRTSHIM_OK;
@@ -252,11 +280,12 @@ static trtshim_status search_tactic(trtshim_engine *e, int64_t M, int64_t N, int
     for (int t = 0; t < n; t++) {
         first[t] = 1e30;
         if (!gemm_tactic_supported(t)) continue;
-        packed[t] = aligned_zalloc(gemm_packed_bytes(t, K, nt, e->precision));
+        packed[t] = aligned_zalloc(quant.kind ? gemm_quant_packed_bytes(quant, K, nt) : gemm_packed_bytes(t, K, nt, e->precision));
         if (!packed[t]) continue;
-        gemm_pack_columns(t, b, 0, nt, K, nt, 0, nt, e->precision, packed[t]);
+        if (quant.kind) (void)gemm_quant_pack_columns(quant, b, 0, nt, K, nt, 0, nt, packed[t]);
+        else gemm_pack_columns(t, b, 0, nt, K, nt, 0, nt, e->precision, packed[t]);
         double t0 = now_seconds();
-        gemm_run(t, M, nt, K, a, K, packed[t], e->precision, NULL, TRTSHIM_UNARY_IDENTITY, c, nt, e->num_threads);
+        time_run(e, quant, t, M, nt, K, a, packed[t], c);
         first[t] = now_seconds() - t0;
         if (first[t] < best) best = first[t];
     }
@@ -266,7 +295,7 @@ static trtshim_status search_tactic(trtshim_engine *e, int64_t M, int64_t N, int
         double fastest = first[t];
         for (int rep = 0; rep < 2 && first[t] <= 1.5 * best; rep++) {
             double t0 = now_seconds();
-            gemm_run(t, M, nt, K, a, K, packed[t], e->precision, NULL, TRTSHIM_UNARY_IDENTITY, c, nt, e->num_threads);
+            time_run(e, quant, t, M, nt, K, a, packed[t], c);
             double dt = now_seconds() - t0;
             if (dt < fastest) fastest = dt;
         }
@@ -288,7 +317,7 @@ static int32_t default_tactic(void) {
 }
 
 static trtshim_status pick_tactic(trtshim_engine *e, const int32_t *tactics, int32_t num_tactics, int32_t step_index,
-                                  int64_t M, int64_t N, int64_t K, int32_t *tactic) {
+                                  gemm_quant_format quant, int64_t M, int64_t N, int64_t K, int32_t *tactic) {
     if (tactics) {
         if (step_index >= num_tactics)
             return set_error(TRTSHIM_ERR_CORRUPT, "engine: tactic table has %d entries, step %d needs one", num_tactics,
@@ -303,7 +332,7 @@ static trtshim_status pick_tactic(trtshim_engine *e, const int32_t *tactics, int
         *tactic = t;
         return TRTSHIM_OK;
     }
-    if (e->tactic_search) return search_tactic(e, M, N, K, tactic);
+    if (e->tactic_search) return search_tactic(e, quant, M, N, K, tactic);
     *tactic = default_tactic();
     return TRTSHIM_OK;
 }
@@ -462,9 +491,10 @@ trtshim_status engine_plan(trtshim_engine *e, const int32_t *tactics, int32_t nu
                 if (ly->kind != LK_FULLY_CONNECTED) break;
             }
             s->act = act0;
-            st = pick_tactic(e, tactics, num_tactics, si, s->M, s->N, s->K, &s->tactic);
+            s->quant = step_format(e, 0);
+            st = pick_tactic(e, tactics, num_tactics, si, s->quant, s->M, s->N, s->K, &s->tactic);
             if (st) break;
-            s->packed_buffer = add_buffer(e, gemm_packed_bytes(s->tactic, s->K, s->N, e->precision));
+            s->packed_buffer = add_buffer(e, step_block_bytes(e, s));
             int any_bias = 0;
             for (int32_t i = 0; i < s->num_members; i++) any_bias |= s->members[i].bias_w >= 0;
             if (any_bias) s->bias_buffer = add_buffer(e, (uint64_t)s->N * 4);
@@ -500,9 +530,10 @@ trtshim_status engine_plan(trtshim_engine *e, const int32_t *tactics, int32_t nu
             s->M = out->dims[2] * out->dims[3];
             s->N = ly->params[0] / groups;
             s->K = in->dims[1] / groups * ly->params[1] * ly->params[2];
-            st = pick_tactic(e, tactics, num_tactics, si, s->M, s->N, s->K, &s->tactic);
+            s->quant = step_format(e, 1);
+            st = pick_tactic(e, tactics, num_tactics, si, s->quant, s->M, s->N, s->K, &s->tactic);
             if (st) break;
-            s->packed_buffer = add_buffer(e, (uint64_t)groups * gemm_packed_bytes(s->tactic, s->K, s->N, e->precision));
+            s->packed_buffer = add_buffer(e, (uint64_t)groups * step_block_bytes(e, s));
             int has_bias = m.bias_w >= 0 || m.bn_layer >= 0;
             if (has_bias) s->bias_buffer = add_buffer(e, (uint64_t)ly->params[0] * 4);
             if (s->packed_buffer < 0 || (has_bias && s->bias_buffer < 0)) { st = oom(); break; }
@@ -576,12 +607,70 @@ int64_t unit_scratch_floats(const trtshim_engine *e, const unit *u) {
     return s->members[0].n * s->K + s->members[0].n; /* folded kernel, then the per-channel factor */
 }
 
+/* Values were checked finite beforehand (unit_check), so quantizing cannot fail here. */
 static void pack_conv(trtshim_engine *e, const step *s, const float *kernel, void *packed) {
     int64_t groups = e->net->layers[s->layer].params[11];
-    size_t group_bytes = gemm_packed_bytes(s->tactic, s->K, s->N, e->precision);
+    size_t group_bytes = step_block_bytes(e, s);
+    for (int64_t g = 0; g < groups; g++) {
+        void *block = (char *)packed + (size_t)g * group_bytes;
+        if (s->quant.kind) (void)gemm_quant_pack_columns(s->quant, kernel + g * s->N * s->K, 1, s->K, s->K, s->N, 0, s->N, block);
+        else gemm_pack_columns(s->tactic, kernel + g * s->N * s->K, 1, s->K, s->K, s->N, 0, s->N, e->precision, block);
+    }
+}
+
+/* W' = W * factor per output channel, factor = scale / sqrt(var + eps): the fold, float32, this order. */
+static void fold_kernel(const trtshim_engine *e, const unit *u, const float *const *src, float *scratch) {
+    const step *s = &e->steps[u->step];
+    const step_member *m = &s->members[0];
+    int64_t oc = m->n, per = s->K;
+    float eps = e->net->layers[m->bn_layer].epsilon;
+    const float *w = src[0], *scale = src[2], *var = src[5];
+    float *folded = scratch, *factor = scratch + oc * per;
+    for (int64_t c = 0; c < oc; c++) {
+        factor[c] = scale[c] / sqrtf(var[c] + eps);
+        for (int64_t i = 0; i < per; i++) folded[c * per + i] = w[c * per + i] * factor[c];
+    }
+}
+
+static int64_t first_non_finite(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return i;
+    return -1;
+}
+
+trtshim_status unit_check(trtshim_engine *e, const unit *u, const float *const *src, float *scratch) {
+    gemm_quant_format f = unit_quant_format(e, u);
+    if (!f.kind) return TRTSHIM_OK;
+    const step *s = &e->steps[u->step];
+    const engine_weight *w = &e->weights[u->sources[0]];
+    const float *values = src[0];
+    int64_t count = w->count;
+    if (u->kind == UNIT_FOLD) {
+        fold_kernel(e, u, src, scratch);
+        values = scratch;
+        count = s->members[0].n * s->K;
+    }
+    int64_t bad = first_non_finite(values, count);
+    if (bad < 0) return TRTSHIM_OK;
+    return set_error(TRTSHIM_ERR_VALIDATION, "weight '%s' %s: element %lld is %g%s; a quantized kernel needs finite values",
+                     w->name, role_name(w->role), (long long)bad, (double)values[bad],
+                     u->kind == UNIT_FOLD ? " after folding the batch norm" : "");
+}
+
+void unit_materialize_quantized(trtshim_engine *e, const unit *u, const void *q, const float *scales) {
+    const step *s = &e->steps[u->step];
+    void *packed = e->buffers[u->buffer].data;
+    if (u->kind == UNIT_PACK_GEMM) {
+        const step_member *m = &s->members[u->member];
+        (void)gemm_quant_pack_quantized(s->quant, q, scales, m->kernel_transposed, m->kernel_transposed ? s->K : m->n, s->K,
+                                        s->N, m->col, m->n, packed);
+        return;
+    }
+    int64_t groups = e->net->layers[s->layer].params[11], per = gemm_quant_groups(s->quant, s->K);
+    size_t group_bytes = step_block_bytes(e, s);
     for (int64_t g = 0; g < groups; g++)
-        gemm_pack_columns(s->tactic, kernel + g * s->N * s->K, 1, s->K, s->K, s->N, 0, s->N, e->precision,
-                          (char *)packed + (size_t)g * group_bytes);
+        (void)gemm_quant_pack_quantized(s->quant, (const int8_t *)q + g * s->N * s->K, scales + g * s->N * per, 1, s->K,
+                                        s->K, s->N, 0, s->N, (char *)packed + (size_t)g * group_bytes);
 }
 
 void unit_materialize_scratch(trtshim_engine *e, const unit *u, const float *const *src, float *scratch) {
@@ -597,8 +686,12 @@ void unit_materialize_scratch(trtshim_engine *e, const unit *u, const float *con
         const step *s = &e->steps[u->step];
         const step_member *m = &s->members[u->member];
         int64_t ldb = m->kernel_transposed ? s->K : m->n;
-        gemm_pack_columns(s->tactic, src[0], m->kernel_transposed, ldb, s->K, s->N, m->col, m->n, e->precision,
-                          e->buffers[u->buffer].data);
+        if (s->quant.kind)
+            (void)gemm_quant_pack_columns(s->quant, src[0], m->kernel_transposed, ldb, s->K, s->N, m->col, m->n,
+                                          e->buffers[u->buffer].data);
+        else
+            gemm_pack_columns(s->tactic, src[0], m->kernel_transposed, ldb, s->K, s->N, m->col, m->n, e->precision,
+                              e->buffers[u->buffer].data);
         return;
     }
     case UNIT_PACK_CONV:
@@ -614,16 +707,11 @@ void unit_materialize_scratch(trtshim_engine *e, const unit *u, const float *con
     case UNIT_FOLD: {
         /* s = scale / sqrt(var + eps); W' = W * s; b' = (b - mean) * s + shift. Float32, this order. */
         const step *s = &e->steps[u->step];
-        const step_member *m = &s->members[0];
-        int64_t oc = m->n, per = s->K; /* kernel elements per output channel */
-        float eps = e->net->layers[m->bn_layer].epsilon;
-        const float *w = src[0], *b = src[1], *scale = src[2], *shift = src[3], *mean = src[4], *var = src[5];
+        int64_t oc = s->members[0].n, per = s->K; /* kernel elements per output channel */
+        const float *b = src[1], *shift = src[3], *mean = src[4];
         float *folded = scratch, *factor = scratch + oc * per;
         float *bias = e->buffers[u->buffer2].data;
-        for (int64_t c = 0; c < oc; c++) {
-            factor[c] = scale[c] / sqrtf(var[c] + eps);
-            for (int64_t i = 0; i < per; i++) folded[c * per + i] = w[c * per + i] * factor[c];
-        }
+        fold_kernel(e, u, src, scratch);
         pack_conv(e, s, folded, e->buffers[u->buffer].data);
         for (int64_t c = 0; c < oc; c++) bias[c] = ((b ? b[c] : 0.0f) - mean[c]) * factor[c] + shift[c];
         return;
@@ -660,6 +748,11 @@ static trtshim_status materialize_from_network(trtshim_engine *e, const trtshim_
     float *scratch = n ? malloc(sizeof(float) * (size_t)n) : NULL;
     if (n && !scratch) {
         st = set_error(TRTSHIM_ERR_MEMORY, "build: out of memory folding batch norm into a convolution");
+        goto done;
+    }
+    st = unit_check(e, u, src, scratch);
+    if (st) {
+        free(scratch);
         goto done;
     }
     unit_materialize_scratch(e, u, src, scratch);
@@ -711,6 +804,14 @@ trtshim_status trtshim_build(const trtshim_network *network, const trtshim_build
     if (config->strip_weights && !config->refittable)
         return set_error(TRTSHIM_ERR_ARGUMENT, "build: strip_weights needs refittable = 1 (a stripped engine is filled by a refit)");
     if (network->num_outputs == 0) return set_error(TRTSHIM_ERR_ARGUMENT, "build: the network has no outputs");
+    int32_t group = config->int4_group_size ? config->int4_group_size : 128;
+    const int32_t formats[2] = {config->gemm_weight_format, config->conv_weight_format};
+    for (int i = 0; i < 2; i++)
+        if (formats[i] < TRTSHIM_WEIGHT_FORMAT_AS_PRECISION || formats[i] > TRTSHIM_WEIGHT_FORMAT_INT4)
+            return set_error(TRTSHIM_ERR_ARGUMENT, "build: %s must be a trtshim_weight_format (0 as precision, 1 int8, "
+                             "2 fp8 e4m3, 3 int4), got %d", i ? "conv_weight_format" : "gemm_weight_format", formats[i]);
+    if (group != 32 && group != 64 && group != 128)
+        return set_error(TRTSHIM_ERR_ARGUMENT, "build: int4_group_size must be 32, 64 or 128, got %d", group);
     trtshim_network *structure;
     trtshim_status st = network_clone_structure(network, &structure);
     if (st) return st;
@@ -721,6 +822,9 @@ trtshim_status trtshim_build(const trtshim_network *network, const trtshim_build
         return st;
     }
     e->weight_streaming = config->weight_streaming ? 1 : 0;
+    e->gemm_format = config->gemm_weight_format;
+    e->conv_format = config->conv_weight_format;
+    e->int4_group_size = group;
     if (!st) st = engine_plan(e, NULL, 0);
     if (!st) st = engine_alloc_buffers(e);
     if (!st) st = engine_alloc_retained(e);

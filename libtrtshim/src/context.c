@@ -72,16 +72,24 @@ trtshim_status trtshim_context_set_tensor(trtshim_context *c, const char *name, 
 
 /* ---- steps ---------------------------------------------------------------------------------- */
 
+/* One GEMM on the step's packed weights, in the engine's precision or the step's quantized format. */
+static void step_gemm(const trtshim_engine *e, const step *s, const float *a, const void *packed, const float *bias,
+                      float *c) {
+    if (s->quant.kind)
+        gemm_quant_run(s->tactic, s->quant, s->M, s->N, s->K, a, s->K, packed, bias, s->act, c, s->N, e->num_threads);
+    else
+        gemm_run(s->tactic, s->M, s->N, s->K, a, s->K, packed, e->precision, bias, s->act, c, s->N, e->num_threads);
+}
+
 static void run_gemm(const trtshim_engine *e, const step *s, void *const *tensors, float *temp, const void *packed) {
     if (s->M <= 0) return;
     const float *a = tensors[s->input];
     const float *bias = s->bias_buffer >= 0 ? e->buffers[s->bias_buffer].data : NULL;
     if (s->num_members == 1) {
-        gemm_run(s->tactic, s->M, s->N, s->K, a, s->K, packed, e->precision, bias, s->act,
-                 tensors[s->members[0].out_tensor], s->N, e->num_threads);
+        step_gemm(e, s, a, packed, bias, tensors[s->members[0].out_tensor]);
         return;
     }
-    gemm_run(s->tactic, s->M, s->N, s->K, a, s->K, packed, e->precision, bias, s->act, temp, s->N, e->num_threads);
+    step_gemm(e, s, a, packed, bias, temp);
     for (int32_t i = 0; i < s->num_members; i++) {
         const step_member *m = &s->members[i];
         float *out = tensors[m->out_tensor];
@@ -115,7 +123,7 @@ static void run_conv(const trtshim_engine *e, const step *s, void *const *tensor
     const tensor_desc *in = desc_of(e, s->input), *od = desc_of(e, s->members[0].out_tensor);
     int64_t groups = l->params[11], icg = in->dims[1] / groups, H = in->dims[2], W = in->dims[3];
     int64_t OH = od->dims[2], OW = od->dims[3], oc = od->dims[1];
-    size_t group_bytes = gemm_packed_bytes(s->tactic, s->K, s->N, e->precision);
+    size_t group_bytes = step_block_bytes(e, s);
     const float *bias = s->bias_buffer >= 0 ? e->buffers[s->bias_buffer].data : NULL;
     const float *x = tensors[s->input];
     float *y = tensors[s->members[0].out_tensor];
@@ -126,8 +134,7 @@ static void run_conv(const trtshim_engine *e, const step *s, void *const *tensor
                             y + (n * oc + g * s->N) * s->M};
             int threads = s->K * s->M >= 65536 ? e->num_threads : 1; /* small images: not worth a wake-up */
             parallel_for(OH, threads, im2col_rows, &job);
-            gemm_run(s->tactic, s->M, s->N, s->K, col, s->K, (const char *)packed + g * group_bytes,
-                     e->precision, bias ? bias + g * s->N : NULL, s->act, c, s->N, e->num_threads);
+            step_gemm(e, s, col, (const char *)packed + g * group_bytes, bias ? bias + g * s->N : NULL, c);
             parallel_for(s->N, threads, scatter_channels, &job);
         }
 }

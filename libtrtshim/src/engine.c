@@ -110,6 +110,33 @@ trtshim_status trtshim_engine_weight(const trtshim_engine *e, int32_t index, con
     return TRTSHIM_OK;
 }
 
+/* ---- quantized kernel formats -------------------------------------------------------------- */
+
+static const char *format_name(const trtshim_engine *e, int32_t format) {
+    switch (format) {
+    case TRTSHIM_WEIGHT_FORMAT_INT8: return "int8";
+    case TRTSHIM_WEIGHT_FORMAT_FP8_E4M3: return "fp8_e4m3";
+    case TRTSHIM_WEIGHT_FORMAT_INT4: return "int4";
+    default: return dtype_name(e->precision);
+    }
+}
+
+trtshim_status trtshim_engine_weight_format(const trtshim_engine *e, int32_t index, trtshim_weight_format *format,
+                                            int32_t *group_size) {
+    if (!e) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_weight_format: engine is null");
+    int32_t n = e->refittable ? e->num_weights : 0;
+    if (index < 0 || index >= n)
+        return set_error(TRTSHIM_ERR_ARGUMENT, "engine_weight_format: index %d out of range (the engine has %d refittable "
+                         "weights)", index, n);
+    gemm_quant_format f = {(gemm_quant_kind)0, 0};
+    for (int32_t i = 0; i < e->num_units && !f.kind; i++)
+        if (e->units[i].sources[0] == index && e->units[i].kind != UNIT_PLAIN && e->units[i].kind != UNIT_BIAS)
+            f = unit_quant_format(e, &e->units[i]);
+    if (format) *format = (trtshim_weight_format)f.kind;
+    if (group_size) *group_size = f.kind == GEMM_QUANT_INT4 ? f.group_size : 0;
+    return TRTSHIM_OK;
+}
+
 /* ---- describe ------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -155,8 +182,10 @@ trtshim_status trtshim_engine_describe(const trtshim_engine *e, char *buffer, ui
     if (!e) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_describe: engine is null");
     if (!buffer && capacity) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_describe: buffer is null");
     text t = {buffer, capacity, 0};
-    put(&t, "{\"refittable\":%s,\"has_weights\":%s,\"precision\":\"%s\",\"steps\":[", e->refittable ? "true" : "false",
+    put(&t, "{\"refittable\":%s,\"has_weights\":%s,\"precision\":\"%s\",", e->refittable ? "true" : "false",
         e->has_weights ? "true" : "false", dtype_name(e->precision));
+    put(&t, "\"gemm_weight_format\":\"%s\",\"conv_weight_format\":\"%s\",\"int4_group_size\":%d,\"steps\":[",
+        format_name(e, e->gemm_format), format_name(e, e->conv_format), (int)e->int4_group_size);
     for (int32_t i = 0; i < e->num_steps; i++) {
         const step *s = &e->steps[i];
         put(&t, "%s{\"kind\":\"%s\",\"layers\":[", i ? "," : "", step_kind_name(e, s));
@@ -172,6 +201,10 @@ trtshim_status trtshim_engine_describe(const trtshim_engine *e, char *buffer, ui
         else put(&t, "null");
         if (s->kind == STEP_GEMM || s->kind == STEP_CONV) put(&t, ",\"m\":%lld,\"n\":%lld,\"k\":%lld", (long long)s->M,
                                                               (long long)s->N, (long long)s->K);
+        if (s->kind == STEP_GEMM || s->kind == STEP_CONV) {
+            put(&t, ",\"weight_format\":\"%s\"", format_name(e, (int32_t)s->quant.kind));
+            if (s->quant.kind == GEMM_QUANT_INT4) put(&t, ",\"group_size\":%d", (int)s->quant.group_size);
+        }
         put(&t, ",\"activation\":%d,\"weights\":[", (int)s->act);
         first = 1;
         for (int32_t u = 0; u < e->num_units; u++) {

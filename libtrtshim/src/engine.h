@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include "common.h"
+#include "gemm.h"
 
 #define MAX_RANK TRTSHIM_MAX_RANK
 #define MAX_LAYER_WEIGHTS 4
@@ -127,6 +128,7 @@ typedef struct {
     int32_t packed_buffer;  /* engine buffer with B packed (CONV: one block per group) */
     int32_t bias_buffer;    /* float32 [N] (CONV: [out_channels]), -1 none */
     int64_t temp_floats;    /* arena temp this step needs */
+    gemm_quant_format quant; /* GEMM and CONV steps: kind 0 keeps the engine's precision */
 } step;
 
 typedef enum { UNIT_PACK_GEMM, UNIT_PACK_CONV, UNIT_BIAS, UNIT_FOLD, UNIT_PLAIN } unit_kind;
@@ -197,6 +199,8 @@ struct trtshim_engine {
     struct stream_state *stream;   /* budget, residency and accounting; NULL when not streaming */
     void *file_map;                /* a loaded streaming engine keeps its file mapped as host storage */
     uint64_t file_map_bytes;
+    /* quantized kernels (trtshim_weight_format values; 0 keeps the precision) */
+    int32_t gemm_format, conv_format, int4_group_size;
 };
 
 /* builder.c */
@@ -213,6 +217,17 @@ trtshim_status engine_alloc_retained(trtshim_engine *e);
 trtshim_status engine_new(trtshim_network *net, trtshim_dtype precision, int32_t refittable, int32_t tactic_search,
                           int32_t config_threads, trtshim_engine **out);
 trtshim_status engine_alloc_buffers(trtshim_engine *e);
+/* Bytes of one packed block of a GEMM or CONV step's weights (a CONV step holds one per group). */
+size_t step_block_bytes(const trtshim_engine *e, const step *s);
+/* The format a unit packs into: kind 0 when the unit is not a pack into a quantized step. */
+gemm_quant_format unit_quant_format(const trtshim_engine *e, const unit *u);
+/* The checks a unit's write would fail on, run before anything is written: for a quantized pack every
+   value it would quantize (after a batch norm fold) must be finite. src and scratch as for
+   unit_materialize_scratch. */
+trtshim_status unit_check(trtshim_engine *e, const unit *u, const float *const *src, float *scratch);
+/* A pack unit of a quantized step from already-quantized values (INT4: one int8 value per byte, unpacked)
+   and scales in gemm_quant_quantize's layouts for the weight's declared layout. Checked beforehand. */
+void unit_materialize_quantized(trtshim_engine *e, const unit *u, const void *q, const float *scales);
 /* Weight index by name and role, -1 if none. */
 int32_t engine_find_weight(const trtshim_engine *e, const char *name, trtshim_role role);
 

@@ -3,7 +3,7 @@
  * Layout (little-endian):
  *   header   magic "TRTSHENG", u32 version, u32 flags, u32 section count, u32 0, u64 file size
  *   table    per section: u32 id, u32 0, u64 offset, u64 size, u64 checksum
- *   sections CONFIG (precision, flags, tactic per step), NETWORK (inputs and layers in tensor order, then
+ *   sections CONFIG (precision, flags, kernel formats: gemm, conv, int4 group size (version 2), tactic per step), NETWORK (inputs and layers in tensor order, then
  *            outputs: the structure without weight values), WEIGHTS (the network-level weight table),
  *            BLOBS (kernel-format buffers, each at a 64-byte aligned file offset; absent when stripped),
  *            RETAINED (float32 copies of batch-norm-fold members; absent when stripped)
@@ -23,7 +23,7 @@
 
 #include "engine.h"
 
-#define FORMAT_VERSION 1
+#define FORMAT_VERSION 2 /* 2: kernel formats (quantized weights) in CONFIG */
 #define HEADER_BYTES 32
 #define ENTRY_BYTES 32
 #define MAX_SECTIONS 16
@@ -115,6 +115,9 @@ static uint64_t write_engine(const trtshim_engine *e, int include, uint8_t *buf)
     w_u32(&w, (uint32_t)e->refittable);
     w_u32(&w, (uint32_t)e->tactic_search);
     w_u32(&w, (uint32_t)e->config_threads);
+    w_u32(&w, (uint32_t)e->gemm_format);
+    w_u32(&w, (uint32_t)e->conv_format);
+    w_u32(&w, (uint32_t)e->int4_group_size);
     w_u32(&w, (uint32_t)e->num_steps);
     for (int32_t i = 0; i < e->num_steps; i++) w_u32(&w, (uint32_t)e->steps[i].tactic);
     secs[ns].size = w.pos - secs[ns].offset;
@@ -517,8 +520,11 @@ static trtshim_status deserialize(const void *data, uint64_t size, int mapped, t
         return corrupt("flags disagree with the sections present");
 
     reader *cr = &sec[SEC_CONFIG];
-    uint32_t precision = r_u32(cr), refittable = r_u32(cr), search = r_u32(cr), threads = r_u32(cr), nsteps = r_u32(cr);
+    uint32_t precision = r_u32(cr), refittable = r_u32(cr), search = r_u32(cr), threads = r_u32(cr);
+    uint32_t gemm_format = r_u32(cr), conv_format = r_u32(cr), group = r_u32(cr), nsteps = r_u32(cr);
     if (cr->bad || (precision != TRTSHIM_FLOAT32 && precision != TRTSHIM_FLOAT16 && precision != TRTSHIM_BFLOAT16) ||
+        gemm_format > TRTSHIM_WEIGHT_FORMAT_INT4 || conv_format > TRTSHIM_WEIGHT_FORMAT_INT4 ||
+        (group != 32 && group != 64 && group != 128) ||
         refittable > 1 || search > 1 || threads > 1024 || refittable != ((flags & FLAG_REFITTABLE) != 0) ||
         nsteps != (cr->end - cr->pos) / 4 || (cr->end - cr->pos) % 4)
         return corrupt("bad config section");
@@ -545,6 +551,9 @@ static trtshim_status deserialize(const void *data, uint64_t size, int mapped, t
         return st;
     }
     e->weight_streaming = (flags & FLAG_STREAMING) != 0;
+    e->gemm_format = (int32_t)gemm_format;
+    e->conv_format = (int32_t)conv_format;
+    e->int4_group_size = (int32_t)group;
     st = engine_plan(e, tactics, (int32_t)nsteps);
     free(tactics);
     if (st == TRTSHIM_ERR_ARGUMENT) st = TRTSHIM_ERR_CORRUPT;
