@@ -118,30 +118,36 @@ const slowNetwork = (seedValue: number): { net: NetworkDefinition; x: Float32Arr
   return { net, x: new Float32Array(rows * width).map((_, i) => Math.sin(i)) };
 };
 
-/** Starts executeAsync on `engine` and returns the first error a budget change meets while it runs
- *  (changes that land before the run starts go through; the last one that did is returned too). */
-const changeDuringRun = async (engine: Engine, x: Float32Array, change: (i: number) => void) => {
-  using context = engine.createContext();
-  const y = new Float32Array(x.length);
-  context.setTensor('x', x);
-  context.setTensor('y', y);
-  let settled = false;
-  const running = context.executeAsync().finally(() => {
-    settled = true;
-  });
-  let error: unknown;
-  const deadline = Date.now() + 2000;
-  for (let i = 0; error === undefined && Date.now() < deadline; i++) {
+/**
+ * Runs `engine` on a worker thread (executeAsync) and calls `change` once the run is known to be in flight,
+ * with no sleeps or timing guesses: the engine's streaming counter `runs` moves when a run begins (after
+ * the engine marks itself executing; it unmarks only when the run ends). So `change` meets a run that has
+ * begun: either it is refused (the run is in flight) and that error is returned, or it went through, which
+ * can only mean the run had already ended; then the attempt proves nothing and another run is started.
+ */
+const changeDuringRun = async (engine: Engine, x: Float32Array, change: () => void, maxAttempts = 50) => {
+  for (let attempt = 1; attempt <= maxAttempts; attempt++) {
+    using context = engine.createContext();
+    const y = new Float32Array(x.length);
+    context.setTensor('x', x);
+    context.setTensor('y', y);
+    const begunBefore = engine.weightStreamingStats().runs;
+    const running = context.executeAsync();
+    // The run starts on a worker thread while this one waits; the guard only turns a hang into a failure.
+    const guard = Date.now() + 60_000;
+    while (engine.weightStreamingStats().runs === begunBefore) {
+      if (Date.now() > guard) throw new Error('the run did not begin within 60 s');
+    }
+    let error: unknown;
     try {
-      change(i);
+      change();
     } catch (e) {
       error = e;
     }
-    if (i % 64 === 63) await new Promise((r) => setImmediate(r)); // let a finished run settle
-    if (settled) break;
+    await running;
+    if (error !== undefined) return { error, y, attempts: attempt };
   }
-  await running;
-  return { error, y };
+  throw new Error(`every one of ${maxAttempts} runs ended before the change reached the engine`);
 };
 
 describe('a budget changes only when no run is in flight', () => {
@@ -152,8 +158,9 @@ describe('a budget changes only when no run is in flight', () => {
     const want = reference.run({ x });
     const total = engine.streamableWeightBytes();
     let lastSet = engine.weightStreamingBudget();
-    const { error, y } = await changeDuringRun(engine, x, (i) => {
-      const b = i % 2 === 0 ? Math.floor(total / 3) : Math.floor(total / 2);
+    let i = 0;
+    const { error, y } = await changeDuringRun(engine, x, () => {
+      const b = i++ % 2 === 0 ? Math.floor(total / 3) : Math.floor(total / 2);
       engine.setWeightStreamingBudget(b);
       lastSet = b;
     });
@@ -172,6 +179,7 @@ describe('a budget changes only when no run is in flight', () => {
     using first = buildEngine(net, { weightStreaming: true });
     using second = buildEngine(net, { weightStreaming: true });
     const firstBefore = first.weightStreamingBudget();
+    const secondBefore = second.weightStreamingBudget();
     let refused: unknown;
     const { error } = await changeDuringRun(second, x, () => {
       const r = applyWeightBudget([first, second], '10%');
@@ -179,12 +187,14 @@ describe('a budget changes only when no run is in flight', () => {
         refused = r.left;
         throw new WeightStreamingError(r.left);
       }
-      r.right.restore(); // it went through before the run began: put it back and try again
+      // It went through, so the run had ended and none is in flight: the restore cannot be refused.
+      r.right.restore();
     });
     expect(error).toBeInstanceOf(WeightStreamingError);
     expect(refused).toMatchObject({ _tag: 'BudgetChangeRefused', segment: 1 });
     expect(first.weightStreamingBudget()).toBe(firstBefore); // rolled back
-    expect(second.weightStreamingBudget()).toBe(second.streamableWeightBytes());
+    expect(second.weightStreamingBudget()).toBe(secondBefore);
+    expect(secondBefore).toBe(second.streamableWeightBytes());
   });
 });
 

@@ -1,17 +1,26 @@
 /**
  * `trt-refit cache ls | verify | gc | clear`, and the cache options other commands share
- * (`--cache DIR`, `--no-cache`, $TRT_REFIT_CACHE). The lead wires registerCacheCommands into main.ts.
+ * (`--cache DIR`, `--no-cache`, $TRT_REFIT_CACHE).
+ *
+ * On by default for `compile`: an entry holds stripped engines (no weight bytes) and the weight map, so
+ * it is small (kilobytes to a few megabytes), and a later compile of the same architecture skips the
+ * build. The directory is $TRT_REFIT_CACHE, else $XDG_CACHE_HOME/trt-refit, else ~/.cache/trt-refit;
+ * compile keeps it under DEFAULT_COMPILE_CACHE_BYTES, evicting least recently used entries.
+ * `--no-cache` turns it off for one command.
  */
 import { Command, Option } from 'commander';
 import { CacheStore, defaultCacheDir, type EntrySummary } from '../cache/store.js';
+
+/** The byte budget compile keeps the cache directory under (`cache gc --max-size` trims further). */
+export const DEFAULT_COMPILE_CACHE_BYTES = 2 ** 30;
 
 export type CacheSetting = { readonly enabled: false } | { readonly enabled: true; readonly dir: string };
 
 /** Adds `--cache <dir>` and `--no-cache` to a command (compile, run). */
 export const addCacheOptions = (command: Command): Command =>
   command
-    .addOption(new Option('--cache <dir>', 'engine cache directory (default: $TRT_REFIT_CACHE, else $XDG_CACHE_HOME/trt-refit or ~/.cache/trt-refit)'))
-    .addOption(new Option('--no-cache', 'build without the engine cache'));
+    .addOption(new Option('--cache <dir>', 'engine cache directory; the cache is on by default (default: $TRT_REFIT_CACHE, else $XDG_CACHE_HOME/trt-refit or ~/.cache/trt-refit)'))
+    .addOption(new Option('--no-cache', 'build without the engine cache (neither read nor written)'));
 
 /** What `--cache` / `--no-cache` (commander's `cache`: string, false or undefined) and the environment mean. */
 export const resolveCacheSetting = (cache: string | boolean | undefined, env: Readonly<Record<string, string | undefined>> = process.env): CacheSetting =>

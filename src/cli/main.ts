@@ -6,6 +6,9 @@
 import { Command, CommanderError } from 'commander';
 import { runDemo, type DemoReport } from '../demo/run.js';
 import { registerRefitCommands } from './refit-commands.js';
+import { registerInspectCommand } from './inspect.js';
+import { registerLoraCommands } from './lora.js';
+import { registerCacheCommands } from './cache.js';
 
 export const ExitCode = { ok: 0, checkFailed: 1, badInput: 2, internal: 3 } as const;
 
@@ -57,6 +60,10 @@ export const main = async (argv: readonly string[]): Promise<number> => {
       exitCode = code;
     },
   });
+  registerCacheCommands(program);
+  const commandContext = { json: () => program.opts<GlobalOptions>().json === true, setExitCode: (code: number) => { exitCode = code; } };
+  registerInspectCommand(program, commandContext);
+  registerLoraCommands(program, commandContext);
 
   try {
     await program.parseAsync(argv as string[], { from: 'user' });

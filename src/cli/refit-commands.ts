@@ -6,9 +6,17 @@ import type { Command } from 'commander';
 import { SingleBar, Presets } from 'cli-progress';
 import { parseLoraArgument } from '../lora/open.js';
 import { summarizePlan } from '../plan/plan.js';
-import { compileFile, planFile, readTensorsTE, refitFile, RefitFilesError, runFile, type WeightsSpec } from '../effect/files.js';
+import { planFile, readTensorsTE, refitFile, RefitFilesError, type WeightsSpec } from '../effect/files.js';
 import type { RefitProgress } from '../effect/capabilities.js';
 import * as E from 'fp-ts/lib/Either.js';
+import { compileWithReport, type CompileReport } from '../compile/compile.js';
+import { readModelFile, writeModelFile } from '../model/file.js';
+import { runModelWithReport } from '../model/run.js';
+import { writeSafetensors, type Dtype } from '../safetensors/index.js';
+import { toBytes, type DType } from '../trace/ir.js';
+import type { Budget } from '../streaming/budget.js';
+import { addCacheOptions, cacheStoreFor, DEFAULT_COMPILE_CACHE_BYTES, resolveCacheSetting } from './cache.js';
+import { registerWeightBudgetOption, registerWeightStreamingOption, streamingOptionsOf } from './streaming.js';
 
 export interface CommandContext {
   readonly json: () => boolean;
@@ -46,8 +54,22 @@ const progressBar = (json: boolean): { onProgress?: (p: RefitProgress) => void; 
 
 const mib = (bytes: number): string => `${(bytes / 2 ** 20).toFixed(2)} MiB`;
 
+const cacheLine = (r: CompileReport): string => {
+  const t = r.timings;
+  if (r.cache === 'off') return `engine cache off; built in ${(t.buildMs ?? 0).toFixed(1)} ms`;
+  const key = (r.key ?? '').slice(0, 16);
+  return r.cache === 'hit'
+    ? `engine cache hit ${key}: loaded and refitted in ${(t.loadMs ?? 0).toFixed(1)} ms (hash ${t.hashMs.toFixed(1)} ms, lookup ${t.lookupMs.toFixed(1)} ms)`
+    : `engine cache miss ${key} (${r.missReason ?? 'absent'}): built in ${(t.buildMs ?? 0).toFixed(1)} ms, stored in ${(t.insertMs ?? 0).toFixed(1)} ms`;
+};
+
+const safetensorsDtype: Readonly<Record<DType, Dtype>> = {
+  float32: 'F32', float64: 'F64', float16: 'F16', bfloat16: 'BF16', int8: 'I8', uint8: 'U8', int16: 'I16', uint16: 'U16',
+  int32: 'I32', uint32: 'U32', int64: 'I64', uint64: 'U64', bool: 'BOOL',
+};
+
 export const registerRefitCommands = (program: Command, ctx: CommandContext): void => {
-  program
+  const compile = program
     .command('compile')
     .description('compile an ONNX model with its build checkpoint into a refittable compiled model (.trtr)')
     .argument('<model>', 'MODEL.onnx')
@@ -56,18 +78,39 @@ export const registerRefitCommands = (program: Command, ctx: CommandContext): vo
     .option('--allow-unmapped', 'build even when refittable weights have no checkpoint source')
     .option('--precision <dtype>', 'engine weight precision: float32, float16 or bfloat16', 'float32')
     .option('--tactic-search', 'time candidate kernels per layer at build')
-    .option('--force-fallback <op>', 'run this operator type on ONNX Runtime (repeatable)', collect)
-    .action(async (model: string, options: { weights: string; output: string; allowUnmapped?: boolean; precision: string; tacticSearch?: boolean; forceFallback?: string[] }) => {
+    .option('--force-fallback <op>', 'run this operator type on ONNX Runtime (repeatable)', collect);
+  // The engine cache is on by default: entries hold stripped engines (no weights), so they are small, and
+  // the directory is trimmed to DEFAULT_COMPILE_CACHE_BYTES, least recently used first.
+  addCacheOptions(compile);
+  registerWeightStreamingOption(compile);
+  compile.action(async (model: string, options: { weights: string; output: string; allowUnmapped?: boolean; precision: string; tacticSearch?: boolean; forceFallback?: string[]; cache?: string | boolean; weightStreaming?: boolean }) => {
       if (!['float32', 'float16', 'bfloat16'].includes(options.precision)) throw Object.assign(new Error(`--precision: expected float32, float16 or bfloat16; found '${options.precision}'`), { _tag: 'BadUsage' });
-      const summary = await compileFile(model, options.weights, options.output, {
+      const store = cacheStoreFor(resolveCacheSetting(options.cache), DEFAULT_COMPILE_CACHE_BYTES);
+      const report = await compileWithReport(model, options.weights, {
         allowUnmapped: options.allowUnmapped ?? false,
         weightPrecision: options.precision as 'float32',
         tacticSearch: options.tacticSearch ?? false,
+        weightStreaming: streamingOptionsOf(options).weightStreaming,
+        cache: store ?? false,
         ...(options.forceFallback ? { forcedFallback: options.forceFallback } : {}),
       });
-      print(ctx.json(), { command: 'compile', output: summary.written.path, bytes: summary.written.bytes, segments: summary.segments, weights: summary.weights },
-        `compiled ${model}: ${summary.segments.engine} engine and ${summary.segments.fallback} fallback segment(s); ${summary.weights.mapped} weights mapped, ${summary.weights.constant} graph constants` +
-        `${summary.weights.unmapped > 0 ? `, ${summary.weights.unmapped} UNMAPPED` : ''}\nwrote ${summary.written.path} (${mib(summary.written.bytes)})`);
+      let written;
+      try {
+        written = await writeModelFile(report.model, options.output);
+      } finally {
+        report.model[Symbol.dispose]();
+      }
+      const targets = report.model.weightMap.targets;
+      const segments = { engine: report.model.engineStages().length, fallback: report.model.fallbackStages().length };
+      const weights = { mapped: targets.filter((t) => t.status === 'mapped').length, constant: targets.filter((t) => t.status === 'constant').length, unmapped: targets.filter((t) => t.status === 'unmapped').length };
+      print(ctx.json(), {
+        command: 'compile', output: written.path, bytes: written.bytes, segments, weights,
+        cache: report.cache, ...(report.key !== undefined ? { cacheKey: report.key } : {}), ...(store !== undefined ? { cacheDir: store.root } : {}),
+        ...(report.missReason !== undefined ? { missReason: report.missReason } : {}),
+        weightStreaming: options.weightStreaming === true, timings: report.timings,
+      },
+        `compiled ${model}: ${segments.engine} engine and ${segments.fallback} fallback segment(s); ${weights.mapped} weights mapped, ${weights.constant} graph constants` +
+        `${weights.unmapped > 0 ? `, ${weights.unmapped} UNMAPPED` : ''}\n${cacheLine(report)}\nwrote ${written.path} (${mib(written.bytes)})`);
     });
 
   program
@@ -119,15 +162,22 @@ export const registerRefitCommands = (program: Command, ctx: CommandContext): vo
       }
     });
 
-  program
+  const run = program
     .command('run')
     .description('run a compiled model on inputs from a .safetensors file')
     .argument('<model>', 'MODEL.trtr')
     .requiredOption('--inputs <file>', 'inputs (.safetensors), named as the graph inputs')
-    .requiredOption('-o, --output <file>', 'outputs (.safetensors), named as the graph outputs')
-    .action(async (model: string, options: { inputs: string; output: string }) => {
-      const result = await runFile(model, options.inputs, options.output);
-      print(ctx.json(), { command: 'run', output: options.output, outputs: result.outputs },
-        `wrote ${Object.entries(result.outputs).map(([name, t]) => `${name} ${t.dtype}[${t.shape.join(',')}]`).join(', ')} to ${options.output}`);
+    .requiredOption('-o, --output <file>', 'outputs (.safetensors), named as the graph outputs');
+  registerWeightBudgetOption(run);
+  run.action(async (model: string, options: { inputs: string; output: string; weightBudget?: Budget }) => {
+      const inputs = await readTensorsTE(options.inputs)();
+      if (E.isLeft(inputs)) throw new RefitFilesError(inputs.left);
+      using compiled = await readModelFile(model);
+      const budget = streamingOptionsOf(options).weightBudget;
+      const { outputs, budget: applied } = await runModelWithReport(compiled, inputs.right, budget !== undefined ? { weightBudget: budget } : {});
+      await writeSafetensors(options.output, Object.entries(outputs).map(([name, t]) => ({ name, dtype: safetensorsDtype[t.dtype], shape: t.shape, data: toBytes(t.data) })));
+      const shapes = Object.fromEntries(Object.entries(outputs).map(([name, t]) => [name, { dtype: t.dtype, shape: t.shape }]));
+      print(ctx.json(), { command: 'run', output: options.output, outputs: shapes, ...(applied !== undefined ? { weightBudget: applied } : {}) },
+        `wrote ${Object.entries(shapes).map(([name, t]) => `${name} ${t.dtype}[${t.shape.join(',')}]`).join(', ')} to ${options.output}`);
     });
 };

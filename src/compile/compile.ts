@@ -33,6 +33,10 @@ import type { NetworkDefinition } from '../network/types.js';
 import { FallbackRunner, openOrtSession, type SessionOpener } from '../model/fallback.js';
 import { RefitModel, type Stage } from '../model/model.js';
 import type { PartitionReport, TensorDesc } from '../model/format.js';
+import { compileWithCacheTE } from '../cache/compile.js';
+import type { CacheKey } from '../cache/key.js';
+import type { Blob, CacheStore } from '../cache/store.js';
+import { cacheStoreOf, entryBlobs, loadingBuilder, planKey, recordingBuilder, segmentPositions, type CompileCacheOption } from './cached.js';
 
 export type WeightPrecision = 'float32' | 'float16' | 'bfloat16';
 
@@ -42,6 +46,10 @@ export interface CompileOptions extends PartitionOptions {
   readonly weightPrecision?: WeightPrecision;
   readonly tacticSearch?: boolean;
   readonly numThreads?: number;
+  /** Build engines whose weights can stream under a memory budget (src/streaming; `run --weight-budget`). */
+  readonly weightStreaming?: boolean;
+  /** The engine cache (cached.ts): a directory, an open store, or false / absent for none. */
+  readonly cache?: CompileCacheOption;
 }
 
 export type CompileErrorDetail =
@@ -53,7 +61,8 @@ export type CompileErrorDetail =
   | { readonly _tag: 'UnmappedWeights'; readonly weights: readonly { readonly id: string; readonly reason: string }[] }
   | { readonly _tag: 'WeightMapFailed'; readonly detail: string }
   | { readonly _tag: 'ConstantOutput'; readonly output: string }
-  | { readonly _tag: 'BuildFailed'; readonly segment: number; readonly detail: string };
+  | { readonly _tag: 'BuildFailed'; readonly segment: number; readonly detail: string }
+  | { readonly _tag: 'CacheFailed'; readonly step: string; readonly detail: string };
 
 export const describeCompileError = (e: CompileErrorDetail): string => {
   switch (e._tag) {
@@ -66,6 +75,7 @@ export const describeCompileError = (e: CompileErrorDetail): string => {
     case 'WeightMapFailed': return `weight map: ${e.detail}`;
     case 'ConstantOutput': return `model output '${e.output}' is a constant of the graph; a compiled model needs every output computed`;
     case 'BuildFailed': return `engine segment ${e.segment}: the engine build failed: ${e.detail}`;
+    case 'CacheFailed': return `engine cache: ${e.step} failed: ${e.detail}`;
   }
 };
 
@@ -136,15 +146,19 @@ export interface CompileCapabilities {
   readonly openSession?: SessionOpener;
 }
 
+/** The engine build options a compile uses (they are part of the cache key). */
+export const engineBuildOptions = (options: CompileOptions = {}): BuildOptions => ({
+  refittable: true,
+  ...(options.weightPrecision !== undefined ? { weightPrecision: options.weightPrecision } : {}),
+  ...(options.tacticSearch !== undefined ? { tacticSearch: options.tacticSearch } : {}),
+  ...(options.numThreads !== undefined ? { numThreads: options.numThreads } : {}),
+  ...(options.weightStreaming === true ? { weightStreaming: true } : {}),
+});
+
 /** Builds the engines and opens the fallbacks of a compile plan. */
 export const realize = async (plan: CompilePlan, options: CompileOptions = {}, caps: CompileCapabilities = {}, source = ''): Promise<E.Either<CompileErrorDetail, RefitModel>> => {
   const build = caps.buildEngine ?? nativeBuilder;
-  const buildOptions: BuildOptions = {
-    refittable: true,
-    ...(options.weightPrecision !== undefined ? { weightPrecision: options.weightPrecision } : {}),
-    ...(options.tacticSearch !== undefined ? { tacticSearch: options.tacticSearch } : {}),
-    ...(options.numThreads !== undefined ? { numThreads: options.numThreads } : {}),
-  };
+  const buildOptions = engineBuildOptions(options);
   const { analyzed } = plan;
   const desc = (name: string): TensorDesc => {
     const type = analyzed.types.get(name)!;
@@ -196,7 +210,10 @@ export const realize = async (plan: CompilePlan, options: CompileOptions = {}, c
     outputs: [...analyzed.graph.outputs],
     tensors: plan.tensors,
     partition: plan.partition,
-    build: { weightPrecision: options.weightPrecision ?? 'float32', tacticSearch: options.tacticSearch ?? false, allowUnmapped: options.allowUnmapped ?? false, source },
+    build: {
+      weightPrecision: options.weightPrecision ?? 'float32', tacticSearch: options.tacticSearch ?? false, allowUnmapped: options.allowUnmapped ?? false, source,
+      ...(options.weightStreaming === true ? { weightStreaming: true } : {}),
+    },
     weightMap: plan.weightMap,
   } as const;
   return E.right(new RefitModel(description, current, stages));
@@ -208,21 +225,119 @@ const readOnnx = (path: string): TE.TaskEither<CompileErrorDetail, Uint8Array> =
 const openBuildCheckpoint = (path: string): TE.TaskEither<CompileErrorDetail, Checkpoint> =>
   pipe(openCheckpointTE(path), TE.mapLeft((issue) => ({ _tag: 'CheckpointUnreadable', path, detail: describeCheckpointIssue(issue) })));
 
-/** Compiles an ONNX file with its build checkpoint into a RefitModel (in memory; see writeModelFile). */
-export const compileTE = (onnxPath: string, checkpointPath: string, options: CompileOptions = {}, caps: CompileCapabilities = {}): TE.TaskEither<CompileErrorDetail, RefitModel> =>
-  pipe(
+/** Milliseconds each step of a compile took. */
+export interface CompileTimings {
+  /** Reading the ONNX file and opening the checkpoint. */
+  readonly readMs: number;
+  /** Trace, partition, weight map and lowering (planCompile). */
+  readonly planMs: number;
+  /** The cache key (0 without a cache). */
+  readonly hashMs: number;
+  /** Looking the key up, verifying the entry's checksums (0 without a cache). */
+  readonly lookupMs: number;
+  /** Hit: loading the stripped engines and refitting them, and opening the fallbacks. */
+  readonly loadMs?: number;
+  /** Miss: building the engines and opening the fallbacks. */
+  readonly buildMs?: number;
+  /** Miss: writing the entry. */
+  readonly insertMs?: number;
+  readonly totalMs: number;
+}
+
+/** A compiled model and how it was made. */
+export interface CompileReport {
+  readonly model: RefitModel;
+  /** 'off': compiled without a cache. */
+  readonly cache: 'hit' | 'miss' | 'off';
+  /** The cache key's digest (with a cache). */
+  readonly key?: string;
+  /** Why a miss missed: absent, damaged, mismatch, or unloadable (the entry's engines could not serve). */
+  readonly missReason?: string;
+  readonly detail?: string;
+  readonly timings: CompileTimings;
+}
+
+const since = (start: bigint): number => Number(process.hrtime.bigint() - start) / 1e6;
+
+/** Realizes a plan through the cache: load and refit on a hit, build and insert on a miss. */
+const realizeCached = async (plan: CompilePlan, store: CacheStore | undefined, options: CompileOptions, caps: CompileCapabilities, source: string): Promise<E.Either<CompileErrorDetail, Omit<CompileReport, 'timings'> & { timings: Omit<CompileTimings, 'readMs' | 'planMs'> }>> => {
+  const buildOptions = engineBuildOptions(options);
+  const positions = segmentPositions(plan);
+  let key: CacheKey | undefined;
+  const keyOf = () => (key ??= planKey(plan, buildOptions));
+  // realize answers Left; the driver wants a throw, so a Left travels inside this and comes out again.
+  class Failed extends Error {
+    constructor(readonly detail: CompileErrorDetail) {
+      super(describeCompileError(detail));
+    }
+  }
+  const orThrow = (r: E.Either<CompileErrorDetail, RefitModel>): RefitModel => {
+    if (E.isLeft(r)) throw new Failed(r.left);
+    return r.right;
+  };
+  const r = await compileWithCacheTE<RefitModel>(store, {
+    key: keyOf,
+    build: async () => {
+      const blobs: Blob[] = [];
+      const builder = store === undefined ? (caps.buildEngine ?? nativeBuilder) : recordingBuilder(caps.buildEngine ?? nativeBuilder, positions, blobs);
+      const value = orThrow(await realize(plan, options, { ...caps, buildEngine: builder }, source));
+      return { value, blobs: store === undefined ? [] : [...blobs, ...entryBlobs(keyOf(), plan)] };
+    },
+    load: async (entry) => orThrow(await realize(plan, options, { ...caps, buildEngine: loadingBuilder(entry, keyOf(), positions) }, source)),
+  })();
+  if (E.isLeft(r)) {
+    const { step, error } = r.left;
+    if (error instanceof Failed) return E.left(error.detail);
+    return E.left({ _tag: 'CacheFailed', step, detail: error instanceof Error ? error.message : String(error) });
+  }
+  const { value, cache, missReason, detail, timings } = r.right;
+  return E.right({
+    model: value, cache,
+    ...(key !== undefined && cache !== 'off' ? { key: key.digest } : {}),
+    ...(missReason !== undefined ? { missReason } : {}),
+    ...(detail !== undefined ? { detail } : {}),
+    timings: {
+      hashMs: timings.hashMs, lookupMs: timings.lookupMs, totalMs: timings.totalMs,
+      ...(timings.loadMs !== undefined ? { loadMs: timings.loadMs } : {}),
+      ...(timings.buildMs !== undefined ? { buildMs: timings.buildMs } : {}),
+      ...(timings.insertMs !== undefined ? { insertMs: timings.insertMs } : {}),
+    },
+  });
+};
+
+/** Compiles an ONNX file with its build checkpoint into a RefitModel, through the engine cache when
+ *  `options.cache` names one, and says how (hit, miss or off) and how long each step took. */
+export const compileWithReportTE = (onnxPath: string, checkpointPath: string, options: CompileOptions = {}, caps: CompileCapabilities = {}): TE.TaskEither<CompileErrorDetail, CompileReport> => async () => {
+  const start = process.hrtime.bigint();
+  const read = await pipe(
     TE.Do,
     TE.bind('onnx', () => readOnnx(onnxPath)),
     TE.bind('checkpoint', () => openBuildCheckpoint(checkpointPath)),
-    TE.chain(({ onnx, checkpoint }) => async () => {
-      try {
-        const plan = planCompile(onnxPath, onnx, checkpoint, options);
-        return E.isLeft(plan) ? plan : await realize(plan.right, options, caps, onnxPath);
-      } finally {
-        checkpoint.close();
-      }
-    }),
-  );
+  )();
+  if (E.isLeft(read)) return read;
+  const readMs = since(start);
+  const { onnx, checkpoint } = read.right;
+  try {
+    const t0 = process.hrtime.bigint();
+    const plan = planCompile(onnxPath, onnx, checkpoint, options);
+    if (E.isLeft(plan)) return plan;
+    const planMs = since(t0);
+    const realized = await realizeCached(plan.right, cacheStoreOf(options.cache), options, caps, onnxPath);
+    return E.isLeft(realized) ? realized : E.right({ ...realized.right, timings: { readMs, planMs, ...realized.right.timings, totalMs: since(start) } });
+  } finally {
+    checkpoint.close();
+  }
+};
+
+export const compileWithReport = async (onnxPath: string, checkpointPath: string, options: CompileOptions = {}, caps: CompileCapabilities = {}): Promise<CompileReport> => {
+  const r = await compileWithReportTE(onnxPath, checkpointPath, options, caps)();
+  if (E.isLeft(r)) throw new CompileError(r.left);
+  return r.right;
+};
+
+/** Compiles an ONNX file with its build checkpoint into a RefitModel (in memory; see writeModelFile). */
+export const compileTE = (onnxPath: string, checkpointPath: string, options: CompileOptions = {}, caps: CompileCapabilities = {}): TE.TaskEither<CompileErrorDetail, RefitModel> =>
+  pipe(compileWithReportTE(onnxPath, checkpointPath, options, caps), TE.map((r) => r.model));
 
 /** Compiles; rejects with CompileError (UnmappedWeights lists every weight without a source). */
 export const compile = async (onnxPath: string, checkpointPath: string, options: CompileOptions = {}, caps: CompileCapabilities = {}): Promise<RefitModel> => {

@@ -1,2 +1,3 @@
 export * from './compile.js';
+export * from './cached.js';
 export * from './network.js';

@@ -4,14 +4,14 @@
  * result is the same RefitModel an ONNX compile gives (it saves as .trtr, plans and refits alike).
  */
 import * as E from 'fp-ts/lib/Either.js';
-import { buildEngine, type BuildOptions } from '../../ffi/engine.js';
+import { buildEngine } from '../../ffi/engine.js';
 import { networkWeights, type NetworkDefinition, type WeightRole } from '../network/types.js';
 import type { DType } from '../trace/ir.js';
 import { digestCache, valueDigest } from '../weightmap/digest.js';
 import type { MapTarget, WeightMap } from '../weightmap/map.js';
 import type { TensorStore } from '../weightmap/store.js';
 import { RefitModel } from '../model/model.js';
-import type { CompileErrorDetail, CompileOptions } from './compile.js';
+import { engineBuildOptions, type CompileErrorDetail, type CompileOptions } from './compile.js';
 
 /** PyTorch-style names: `<layer>.weight` for kernels and scales, `<layer>.bias` for biases and shifts. */
 export const torchNaming = (layer: string, role: WeightRole): string | undefined =>
@@ -49,12 +49,7 @@ export const compileNetwork = (
     ties: [],
     tied: [],
   };
-  const buildOptions: BuildOptions = {
-    refittable: true,
-    ...(options.weightPrecision !== undefined ? { weightPrecision: options.weightPrecision } : {}),
-    ...(options.tacticSearch !== undefined ? { tacticSearch: options.tacticSearch } : {}),
-    ...(options.numThreads !== undefined ? { numThreads: options.numThreads } : {}),
-  };
+  const buildOptions = engineBuildOptions(options);
   let engine;
   try {
     engine = buildEngine(network, buildOptions);
@@ -71,7 +66,10 @@ export const compileNetwork = (
     {
       inputs, outputs: outputs.map((o) => o.name), tensors: [...inputs, ...outputs],
       partition: { segments: [{ index: 0, kind: 'engine', nodes: network.layers.length, opTypes: [...new Set(network.layers.map((l) => l.kind))] }], folded: 0, fallbackReasons: [] },
-      build: { weightPrecision: options.weightPrecision ?? 'float32', tacticSearch: options.tacticSearch ?? false, allowUnmapped: options.allowUnmapped ?? false, source: 'network' },
+      build: {
+        weightPrecision: options.weightPrecision ?? 'float32', tacticSearch: options.tacticSearch ?? false, allowUnmapped: options.allowUnmapped ?? false, source: 'network',
+        ...(options.weightStreaming === true ? { weightStreaming: true } : {}),
+      },
       weightMap,
     },
     current,

@@ -56,12 +56,17 @@ export const PartitionReportCodec = t.type({
 });
 export type PartitionReport = t.TypeOf<typeof PartitionReportCodec>;
 
-export const BuildInfoCodec = t.type({
-  weightPrecision: t.keyof({ float32: null, float16: null, bfloat16: null }),
-  tacticSearch: t.boolean,
-  allowUnmapped: t.boolean,
-  source: t.string,
-});
+export const BuildInfoCodec = t.intersection([
+  t.type({
+    weightPrecision: t.keyof({ float32: null, float16: null, bfloat16: null }),
+    tacticSearch: t.boolean,
+    allowUnmapped: t.boolean,
+    source: t.string,
+  }),
+  // Optional, so files written before it existed still read: the engines were built with weight streaming
+  // (a run may then set a budget; see src/streaming).
+  t.partial({ weightStreaming: t.boolean }),
+]);
 export type BuildInfo = t.TypeOf<typeof BuildInfoCodec>;
 
 export interface ModelHeader {
