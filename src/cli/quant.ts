@@ -1,7 +1,10 @@
 /**
- * Command-line helpers for quantized weights, for the lead to wire into `compile` and `refit`:
- *   --weight-format fp32|fp16|bf16|int8|fp8|int4[:GROUP]   the engine's kernel format (compile)
- *   --weights QUANTIZED.safetensors                        a checkpoint reloaded layer by layer (refit)
+ * Command-line helpers for quantized weights:
+ *   --weight-format fp32|fp16|bf16|int8|fp8|int4[:GROUP]   the engine's kernel format (`compile` parses it
+ *                                                          with weightFormatArgument; refit-commands.ts)
+ *   --weights QUANTIZED.safetensors                        a checkpoint reloaded layer by layer into one
+ *                                                          engine (reloadWeightsFile; `refit` of a .trtr
+ *                                                          through the weight map is not wired yet)
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import * as E from 'fp-ts/lib/Either.js';

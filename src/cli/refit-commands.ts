@@ -2,7 +2,7 @@
  * `trt-refit compile | plan | refit | run`: the refit path over files (src/effect/files.ts). Each action
  * returns its exit code; errors are thrown and main.ts prints them as one line.
  */
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
 import { SingleBar, Presets } from 'cli-progress';
 import { parseLoraArgument } from '../lora/open.js';
 import { summarizePlan } from '../plan/plan.js';
@@ -16,6 +16,9 @@ import { writeSafetensors, type Dtype } from '../safetensors/index.js';
 import { toBytes, type DType } from '../trace/ir.js';
 import type { Budget } from '../streaming/budget.js';
 import { addCacheOptions, cacheStoreFor, DEFAULT_COMPILE_CACHE_BYTES, resolveCacheSetting } from './cache.js';
+import { weightFormatArgument } from './quant.js';
+import { WEIGHT_FORMATS, type WeightFormat } from '../quant/format.js';
+import { weightFormatOf } from '../model/format.js';
 import { registerWeightBudgetOption, registerWeightStreamingOption, streamingOptionsOf } from './streaming.js';
 
 export interface CommandContext {
@@ -76,19 +79,24 @@ export const registerRefitCommands = (program: Command, ctx: CommandContext): vo
     .requiredOption('--weights <checkpoint>', 'the build checkpoint (.safetensors, sharded index, or directory)')
     .requiredOption('-o, --output <file>', 'the compiled model to write (MODEL.trtr)')
     .option('--allow-unmapped', 'build even when refittable weights have no checkpoint source')
-    .option('--precision <dtype>', 'engine weight precision: float32, float16 or bfloat16', 'float32')
+    // One story: --weight-format names the kernel format; its float values are the precisions --precision
+    // names (fp32 = float32, ...), so the two must agree when both are given. With a quantized format,
+    // --precision is the precision of the weights that stay float (norms, embeddings, biases).
+    .addOption(new Option('--weight-format <format>', `GEMM and convolution kernel format: ${WEIGHT_FORMATS.join(', ')} (int4 takes :32, :64 or :128, default 128); default fp32`).argParser(weightFormatArgument))
+    .option('--precision <dtype>', 'precision of float weights: float32, float16 or bfloat16 (default float32; fp16 / bf16 of --weight-format say the same)')
     .option('--tactic-search', 'time candidate kernels per layer at build')
     .option('--force-fallback <op>', 'run this operator type on ONNX Runtime (repeatable)', collect);
   // The engine cache is on by default: entries hold stripped engines (no weights), so they are small, and
   // the directory is trimmed to DEFAULT_COMPILE_CACHE_BYTES, least recently used first.
   addCacheOptions(compile);
   registerWeightStreamingOption(compile);
-  compile.action(async (model: string, options: { weights: string; output: string; allowUnmapped?: boolean; precision: string; tacticSearch?: boolean; forceFallback?: string[]; cache?: string | boolean; weightStreaming?: boolean }) => {
-      if (!['float32', 'float16', 'bfloat16'].includes(options.precision)) throw Object.assign(new Error(`--precision: expected float32, float16 or bfloat16; found '${options.precision}'`), { _tag: 'BadUsage' });
+  compile.action(async (model: string, options: { weights: string; output: string; allowUnmapped?: boolean; precision?: string; weightFormat?: WeightFormat; tacticSearch?: boolean; forceFallback?: string[]; cache?: string | boolean; weightStreaming?: boolean }) => {
+      if (options.precision !== undefined && !['float32', 'float16', 'bfloat16'].includes(options.precision)) throw Object.assign(new Error(`--precision: expected float32, float16 or bfloat16; found '${options.precision}'`), { _tag: 'BadUsage' });
       const store = cacheStoreFor(resolveCacheSetting(options.cache), DEFAULT_COMPILE_CACHE_BYTES);
       const report = await compileWithReport(model, options.weights, {
         allowUnmapped: options.allowUnmapped ?? false,
-        weightPrecision: options.precision as 'float32',
+        ...(options.precision !== undefined ? { weightPrecision: options.precision as 'float32' } : {}),
+        ...(options.weightFormat !== undefined ? { weightFormat: options.weightFormat } : {}),
         tacticSearch: options.tacticSearch ?? false,
         weightStreaming: streamingOptionsOf(options).weightStreaming,
         cache: store ?? false,
@@ -101,15 +109,16 @@ export const registerRefitCommands = (program: Command, ctx: CommandContext): vo
         report.model[Symbol.dispose]();
       }
       const targets = report.model.weightMap.targets;
+      const weightFormat = weightFormatOf(report.model.description.build);
       const segments = { engine: report.model.engineStages().length, fallback: report.model.fallbackStages().length };
       const weights = { mapped: targets.filter((t) => t.status === 'mapped').length, constant: targets.filter((t) => t.status === 'constant').length, unmapped: targets.filter((t) => t.status === 'unmapped').length };
       print(ctx.json(), {
         command: 'compile', output: written.path, bytes: written.bytes, segments, weights,
         cache: report.cache, ...(report.key !== undefined ? { cacheKey: report.key } : {}), ...(store !== undefined ? { cacheDir: store.root } : {}),
         ...(report.missReason !== undefined ? { missReason: report.missReason } : {}),
-        weightStreaming: options.weightStreaming === true, timings: report.timings,
+        weightFormat, weightStreaming: options.weightStreaming === true, timings: report.timings,
       },
-        `compiled ${model}: ${segments.engine} engine and ${segments.fallback} fallback segment(s); ${weights.mapped} weights mapped, ${weights.constant} graph constants` +
+        `compiled ${model} (weights ${weightFormat}): ${segments.engine} engine and ${segments.fallback} fallback segment(s); ${weights.mapped} weights mapped, ${weights.constant} graph constants` +
         `${weights.unmapped > 0 ? `, ${weights.unmapped} UNMAPPED` : ''}\n${cacheLine(report)}\nwrote ${written.path} (${mib(written.bytes)})`);
     });
 

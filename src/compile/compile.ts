@@ -32,10 +32,11 @@ import type { TensorStore } from '../weightmap/store.js';
 import type { NetworkDefinition } from '../network/types.js';
 import { FallbackRunner, openOrtSession, type SessionOpener } from '../model/fallback.js';
 import { RefitModel, type Stage } from '../model/model.js';
-import type { PartitionReport, TensorDesc } from '../model/format.js';
+import type { BuildInfo, PartitionReport, TensorDesc } from '../model/format.js';
 import { compileWithCacheTE } from '../cache/compile.js';
 import type { CacheKey } from '../cache/key.js';
 import type { Blob, CacheStore } from '../cache/store.js';
+import { formatWeightFormat, weightFormatOptions, type WeightFormat } from '../quant/format.js';
 import { cacheStoreOf, entryBlobs, loadingBuilder, planKey, recordingBuilder, segmentPositions, type CompileCacheOption } from './cached.js';
 
 export type WeightPrecision = 'float32' | 'float16' | 'bfloat16';
@@ -43,7 +44,16 @@ export type WeightPrecision = 'float32' | 'float16' | 'bfloat16';
 export interface CompileOptions extends PartitionOptions {
   /** Build even when refittable weights have no checkpoint source (they keep their built values). */
   readonly allowUnmapped?: boolean;
+  /** Precision of float weights: every weight when no quantized weightFormat is given, else the weights
+   *  that stay float (norms, embeddings, biases). Default float32. */
   readonly weightPrecision?: WeightPrecision;
+  /** Format of GEMM and convolution kernels (`--weight-format`): fp32 / fp16 / bf16 are the float
+   *  precisions (the same as weightPrecision, which must then agree or be absent); int8, fp8 and
+   *  int4 quantize those kernels inside the engine, and refits re-quantize them. Default fp32. */
+  readonly weightFormat?: WeightFormat;
+  /** Convolution kernels only: 'float' keeps them in weightPrecision while GEMMs take weightFormat.
+   *  Default: as weightFormat. */
+  readonly convWeightFormat?: 'same' | 'float';
   readonly tacticSearch?: boolean;
   readonly numThreads?: number;
   /** Build engines whose weights can stream under a memory budget (src/streaming; `run --weight-budget`). */
@@ -62,7 +72,8 @@ export type CompileErrorDetail =
   | { readonly _tag: 'WeightMapFailed'; readonly detail: string }
   | { readonly _tag: 'ConstantOutput'; readonly output: string }
   | { readonly _tag: 'BuildFailed'; readonly segment: number; readonly detail: string }
-  | { readonly _tag: 'CacheFailed'; readonly step: string; readonly detail: string };
+  | { readonly _tag: 'CacheFailed'; readonly step: string; readonly detail: string }
+  | { readonly _tag: 'ConflictingOptions'; readonly detail: string };
 
 export const describeCompileError = (e: CompileErrorDetail): string => {
   switch (e._tag) {
@@ -76,6 +87,7 @@ export const describeCompileError = (e: CompileErrorDetail): string => {
     case 'ConstantOutput': return `model output '${e.output}' is a constant of the graph; a compiled model needs every output computed`;
     case 'BuildFailed': return `engine segment ${e.segment}: the engine build failed: ${e.detail}`;
     case 'CacheFailed': return `engine cache: ${e.step} failed: ${e.detail}`;
+    case 'ConflictingOptions': return `compile options: ${e.detail}`;
   }
 };
 
@@ -146,17 +158,71 @@ export interface CompileCapabilities {
   readonly openSession?: SessionOpener;
 }
 
-/** The engine build options a compile uses (they are part of the cache key). */
-export const engineBuildOptions = (options: CompileOptions = {}): BuildOptions => ({
-  refittable: true,
-  ...(options.weightPrecision !== undefined ? { weightPrecision: options.weightPrecision } : {}),
-  ...(options.tacticSearch !== undefined ? { tacticSearch: options.tacticSearch } : {}),
-  ...(options.numThreads !== undefined ? { numThreads: options.numThreads } : {}),
-  ...(options.weightStreaming === true ? { weightStreaming: true } : {}),
-});
+const floatFormatOf: Readonly<Record<WeightPrecision, WeightFormat>> = { float32: { kind: 'fp32' }, float16: { kind: 'fp16' }, bfloat16: { kind: 'bf16' } };
+const precisionOfFloat = { fp32: 'float32', fp16: 'float16', bf16: 'bfloat16' } as const;
+
+/** The weight settings a compile builds with, one story for weightPrecision and weightFormat: a float
+ *  weightFormat is a precision, so a different weightPrecision beside it is a conflict; a quantized one
+ *  leaves weightPrecision to the weights that stay float. */
+export interface WeightSettings {
+  readonly weightPrecision: WeightPrecision;
+  readonly weightFormat: WeightFormat;
+  readonly convWeightFormat: 'same' | 'float';
+}
+
+export const weightSettingsOf = (options: CompileOptions = {}): E.Either<CompileErrorDetail, WeightSettings> => {
+  const format = options.weightFormat;
+  const conv = options.convWeightFormat ?? 'same';
+  if (format === undefined || format.kind === 'fp32' || format.kind === 'fp16' || format.kind === 'bf16') {
+    const fromFormat = format === undefined ? undefined : precisionOfFloat[format.kind];
+    if (fromFormat !== undefined && options.weightPrecision !== undefined && options.weightPrecision !== fromFormat) {
+      return E.left({ _tag: 'ConflictingOptions', detail: `weight format ${formatWeightFormat(format!)} is precision ${fromFormat}, but weightPrecision (--precision) says ${options.weightPrecision}` });
+    }
+    const precision = fromFormat ?? options.weightPrecision ?? 'float32';
+    return E.right({ weightPrecision: precision, weightFormat: floatFormatOf[precision], convWeightFormat: conv });
+  }
+  return E.right({ weightPrecision: options.weightPrecision ?? 'float32', weightFormat: format, convWeightFormat: conv });
+};
+
+const isQuantized = (f: WeightFormat): boolean => f.kind === 'int8' || f.kind === 'fp8' || f.kind === 'int4';
+
+const settingsOrThrow = (options: CompileOptions): WeightSettings => {
+  const s = weightSettingsOf(options);
+  if (E.isLeft(s)) throw new CompileError(s.left);
+  return s.right;
+};
+
+/** The engine build options a compile uses (they are part of the cache key). Throws CompileError on
+ *  conflicting weight options (compileTE checks them first and answers Left). */
+export const engineBuildOptions = (options: CompileOptions = {}): BuildOptions => {
+  const settings = settingsOrThrow(options);
+  const quantized = isQuantized(settings.weightFormat);
+  return {
+    refittable: true,
+    ...(settings.weightPrecision !== 'float32' ? { weightPrecision: settings.weightPrecision } : {}),
+    ...(quantized ? weightFormatOptions(settings.weightFormat) : {}),
+    ...(quantized && settings.convWeightFormat === 'float' ? { convWeightFormat: 'asPrecision' as const } : {}),
+    ...(options.tacticSearch !== undefined ? { tacticSearch: options.tacticSearch } : {}),
+    ...(options.numThreads !== undefined ? { numThreads: options.numThreads } : {}),
+    ...(options.weightStreaming === true ? { weightStreaming: true } : {}),
+  };
+};
+
+/** What a .trtr records about how its engines were built. */
+export const buildInfoOf = (options: CompileOptions, source: string): BuildInfo => {
+  const settings = settingsOrThrow(options);
+  return {
+    weightPrecision: settings.weightPrecision, tacticSearch: options.tacticSearch ?? false, allowUnmapped: options.allowUnmapped ?? false, source,
+    weightFormat: formatWeightFormat(settings.weightFormat),
+    ...(isQuantized(settings.weightFormat) && settings.convWeightFormat === 'float' ? { convWeightFormat: 'float' as const } : {}),
+    ...(options.weightStreaming === true ? { weightStreaming: true } : {}),
+  };
+};
 
 /** Builds the engines and opens the fallbacks of a compile plan. */
 export const realize = async (plan: CompilePlan, options: CompileOptions = {}, caps: CompileCapabilities = {}, source = ''): Promise<E.Either<CompileErrorDetail, RefitModel>> => {
+  const settings = weightSettingsOf(options);
+  if (E.isLeft(settings)) return settings;
   const build = caps.buildEngine ?? nativeBuilder;
   const buildOptions = engineBuildOptions(options);
   const { analyzed } = plan;
@@ -210,10 +276,7 @@ export const realize = async (plan: CompilePlan, options: CompileOptions = {}, c
     outputs: [...analyzed.graph.outputs],
     tensors: plan.tensors,
     partition: plan.partition,
-    build: {
-      weightPrecision: options.weightPrecision ?? 'float32', tacticSearch: options.tacticSearch ?? false, allowUnmapped: options.allowUnmapped ?? false, source,
-      ...(options.weightStreaming === true ? { weightStreaming: true } : {}),
-    },
+    build: buildInfoOf(options, source),
     weightMap: plan.weightMap,
   } as const;
   return E.right(new RefitModel(description, current, stages));
@@ -309,6 +372,8 @@ const realizeCached = async (plan: CompilePlan, store: CacheStore | undefined, o
  *  `options.cache` names one, and says how (hit, miss or off) and how long each step took. */
 export const compileWithReportTE = (onnxPath: string, checkpointPath: string, options: CompileOptions = {}, caps: CompileCapabilities = {}): TE.TaskEither<CompileErrorDetail, CompileReport> => async () => {
   const start = process.hrtime.bigint();
+  const settings = weightSettingsOf(options);
+  if (E.isLeft(settings)) return settings;
   const read = await pipe(
     TE.Do,
     TE.bind('onnx', () => readOnnx(onnxPath)),

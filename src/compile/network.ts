@@ -11,7 +11,7 @@ import { digestCache, valueDigest } from '../weightmap/digest.js';
 import type { MapTarget, WeightMap } from '../weightmap/map.js';
 import type { TensorStore } from '../weightmap/store.js';
 import { RefitModel } from '../model/model.js';
-import { engineBuildOptions, type CompileErrorDetail, type CompileOptions } from './compile.js';
+import { buildInfoOf, engineBuildOptions, weightSettingsOf, type CompileErrorDetail, type CompileOptions } from './compile.js';
 
 /** PyTorch-style names: `<layer>.weight` for kernels and scales, `<layer>.bias` for biases and shifts. */
 export const torchNaming = (layer: string, role: WeightRole): string | undefined =>
@@ -22,6 +22,8 @@ export const compileNetwork = (
   checkpoint: TensorStore,
   options: CompileOptions & { readonly sourceOf?: (layer: string, role: WeightRole) => string | undefined } = {},
 ): E.Either<CompileErrorDetail, RefitModel> => {
+  const settings = weightSettingsOf(options);
+  if (E.isLeft(settings)) return settings;
   const sourceOf = options.sourceOf ?? torchNaming;
   const digestOf = digestCache(checkpoint);
   const targets: MapTarget[] = [];
@@ -66,10 +68,7 @@ export const compileNetwork = (
     {
       inputs, outputs: outputs.map((o) => o.name), tensors: [...inputs, ...outputs],
       partition: { segments: [{ index: 0, kind: 'engine', nodes: network.layers.length, opTypes: [...new Set(network.layers.map((l) => l.kind))] }], folded: 0, fallbackReasons: [] },
-      build: {
-        weightPrecision: options.weightPrecision ?? 'float32', tacticSearch: options.tacticSearch ?? false, allowUnmapped: options.allowUnmapped ?? false, source: 'network',
-        ...(options.weightStreaming === true ? { weightStreaming: true } : {}),
-      },
+      build: buildInfoOf(options, 'network'),
       weightMap,
     },
     current,

@@ -23,6 +23,7 @@ import * as E from 'fp-ts/lib/Either.js';
 import * as t from 'io-ts';
 import { PathReporter } from 'io-ts/lib/PathReporter.js';
 import { WeightMapCodec, type WeightMap } from '../weightmap/map.js';
+import { formatWeightFormat, parseWeightFormat } from '../quant/format.js';
 
 export const MAGIC = 'TRTREFIT';
 export const FORMAT_VERSION = 1;
@@ -56,6 +57,18 @@ export const PartitionReportCodec = t.type({
 });
 export type PartitionReport = t.TypeOf<typeof PartitionReportCodec>;
 
+/** A weight format as `--weight-format` spells it (fp32, fp16, bf16, int8, fp8, int4:GROUP), canonical. */
+export const WeightFormatTextCodec = new t.Type<string, string, unknown>(
+  'WeightFormatText',
+  (u): u is string => typeof u === 'string' && E.isRight(parseWeightFormat(u)),
+  (u, c) => {
+    if (typeof u !== 'string') return t.failure(u, c, 'expected a weight format string');
+    const parsed = parseWeightFormat(u);
+    return E.isRight(parsed) ? t.success(formatWeightFormat(parsed.right)) : t.failure(u, c, `not a weight format: '${u}'`);
+  },
+  (a) => a,
+);
+
 export const BuildInfoCodec = t.intersection([
   t.type({
     weightPrecision: t.keyof({ float32: null, float16: null, bfloat16: null }),
@@ -66,8 +79,15 @@ export const BuildInfoCodec = t.intersection([
   // Optional, so files written before it existed still read: the engines were built with weight streaming
   // (a run may then set a budget; see src/streaming).
   t.partial({ weightStreaming: t.boolean }),
+  // Optional likewise: the format of GEMM and convolution kernels (absent in older files, whose engines
+  // are float: weightFormatOf reads them as weightPrecision), and 'float' when convolutions stayed float.
+  t.partial({ weightFormat: WeightFormatTextCodec, convWeightFormat: t.literal('float') }),
 ]);
 export type BuildInfo = t.TypeOf<typeof BuildInfoCodec>;
+
+/** The kernel weight format a compiled model was built with; files from before quantization are float. */
+export const weightFormatOf = (build: BuildInfo): string =>
+  build.weightFormat ?? { float32: 'fp32', float16: 'fp16', bfloat16: 'bf16' }[build.weightPrecision];
 
 export interface ModelHeader {
   readonly format: 'trt-refit-model';

@@ -4,6 +4,7 @@
  */
 import { buildEngine, type BuildOptions, type Engine, type ExecutionContext } from '../../ffi/engine.js';
 import type { EngineFactory, EngineRunner } from './compiled.js';
+import { formatWeightFormat, weightFormatOptions, type WeightFormat } from '../quant/format.js';
 
 export interface NativeEngineOptions {
   /** Search GEMM tactics at build time (slower builds, sometimes faster runs). Default false. */
@@ -12,6 +13,9 @@ export interface NativeEngineOptions {
   readonly weightPrecision?: BuildOptions['weightPrecision'];
   /** Worker threads per engine (0: one per core). */
   readonly numThreads?: number;
+  /** Kernel format of GEMM and convolution weights (src/quant/format.ts; `--weight-format`). Default: the
+   *  weight precision. A float format sets the precision (and must agree with weightPrecision if given). */
+  readonly weightFormat?: WeightFormat;
 }
 
 /** A built engine segment: owns its engine and context, and exposes both for refits. */
@@ -32,13 +36,23 @@ export class NativeEngineRunner implements EngineRunner, Disposable {
 }
 
 /** An EngineFactory that builds refittable native engines with the given options. */
-export const nativeEngine = (options: NativeEngineOptions = {}): EngineFactory => (network) => {
-  const engine = buildEngine(network, {
+export const nativeEngine = (options: NativeEngineOptions = {}): EngineFactory => {
+  const format = options.weightFormat === undefined ? {} : weightFormatOptions(options.weightFormat);
+  if (format.weightPrecision !== undefined && options.weightPrecision !== undefined && format.weightPrecision !== options.weightPrecision) {
+    throw new Error(`nativeEngine: weight format ${formatWeightFormat(options.weightFormat!)} is precision ${format.weightPrecision}, but weightPrecision is ${options.weightPrecision}`);
+  }
+  const buildOptions: BuildOptions = {
     refittable: true,
     ...(options.tacticSearch !== undefined ? { tacticSearch: options.tacticSearch } : {}),
     ...(options.weightPrecision !== undefined ? { weightPrecision: options.weightPrecision } : {}),
     ...(options.numThreads !== undefined ? { numThreads: options.numThreads } : {}),
-  });
+    ...format,
+  };
+  return (network) => buildRunner(network, buildOptions);
+};
+
+const buildRunner = (network: Parameters<EngineFactory>[0], buildOptions: BuildOptions): NativeEngineRunner => {
+  const engine = buildEngine(network, buildOptions);
   try {
     return new NativeEngineRunner(engine, engine.createContext());
   } catch (e) {

@@ -70,7 +70,7 @@ const kindText = (f: QuantFormat) => (f.kind === 'int4' ? `int4 (groups of ${f.g
 const kernelGeometry = (w: EngineWeight): Geometry => ({ channels: w.shape[0], depth: product(w.shape.slice(1)), transposed: true });
 
 /** The int4 group size of a checkpoint with `groups` scales per row of `depth` values. */
-const int4GroupSize = (depth: number, groups: number, hint: number | undefined): number | undefined => {
+export const int4GroupSize = (depth: number, groups: number, hint: number | undefined): number | undefined => {
   if (groups === 1) return Math.max(depth, 1); // one group over the whole row, whatever it was called
   for (const g of [hint, 32, 64, 128, 16, 256]) if (g !== undefined && Math.ceil(depth / g) === groups) return g;
   return undefined;
@@ -195,12 +195,13 @@ const zeroPointsOf = (source: TensorSource, entry: QuantizedEntry, want: number)
   return values.length === 1 && want !== 1 ? new Int32Array(want).fill(values[0]) : values;
 };
 
-/** w = (q - zero) * scale into `out`, reading int4 nibbles straight from the packed bytes. */
-const dequantizeInto = (source: TensorSource, t: Extract<ReloadTarget, { mode: 'dequantize' }>, out: Float32Array): Float32Array => {
-  const { channels, depth } = t.geometry;
-  const bytes = source.bytes(t.entry.weight);
-  const scales = scalesOf(source, t);
-  const zeros = zeroPointsOf(source, t.entry, scales.length);
+/** w = (q - zero) * scale of a quantized entry ([channels, depth], torch layout) into `out`, reading int4
+ *  nibbles straight from the packed bytes. */
+export const dequantizeEntry = (source: TensorSource, entry: QuantizedEntry, format: QuantFormat, geometry: Geometry, out: Float32Array): Float32Array => {
+  const { channels, depth } = geometry;
+  const bytes = source.bytes(entry.weight);
+  const scales = scalesOf(source, { entry, format, geometry });
+  const zeros = zeroPointsOf(source, entry, scales.length);
   const groups = scales.length / channels;
   const rows = Math.ceil(depth / groups);
   const half = Math.ceil(depth / 2);
@@ -208,16 +209,20 @@ const dequantizeInto = (source: TensorSource, t: Extract<ReloadTarget, { mode: '
   for (let j = 0; j < channels; j++)
     for (let k = 0; k < depth; k++) {
       let v: number;
-      if (t.format.kind === 'int4') v = ((bytes[j * half + (k >> 1)] >> (4 * (k & 1))) & 15) - 8;
-      else if (t.format.kind === 'int8') v = (bytes[j * depth + k] << 24) >> 24;
+      if (format.kind === 'int4') v = ((bytes[j * half + (k >> 1)] >> (4 * (k & 1))) & 15) - 8;
+      else if (format.kind === 'int8') v = (bytes[j * depth + k] << 24) >> 24;
       else v = e4m3ToFloat(bytes[j * depth + k]);
-      const s = j * groups + (t.format.kind === 'int4' ? Math.floor(k / (t.format.groupSize ?? rows)) : 0);
+      const s = j * groups + (format.kind === 'int4' ? Math.floor(k / (format.groupSize ?? rows)) : 0);
       out[j * depth + k] = f32((zeros === undefined ? v : v - zeros[s]) * scales[s]);
     }
   return out.subarray(0, channels * depth);
 };
 
-const quantizedOf = (source: TensorSource, t: Extract<ReloadTarget, { mode: 'copy' }>): QuantizedWeights => {
+const dequantizeInto = (source: TensorSource, t: Extract<ReloadTarget, { mode: 'dequantize' }>, out: Float32Array): Float32Array =>
+  dequantizeEntry(source, t.entry, t.format, t.geometry, out);
+
+/** A copy target's values and scales as the refitter takes them (views of the checkpoint where they can be). */
+export const quantizedOf = (source: TensorSource, t: { readonly layer: string; readonly entry: QuantizedEntry; readonly format: QuantFormat; readonly geometry: Geometry }): QuantizedWeights => {
   const bytes = source.bytes(t.entry.weight);
   const scales = scalesOf(source, t);
   const zeros = zeroPointsOf(source, t.entry, scales.length);
