@@ -279,6 +279,11 @@ const prototypes = {
     'int32_t trtshim_transform_bn_fold_bias(const float *bias, const float *gamma, const float *beta, const float *mean, const float *variance, int64_t channels, double epsilon, float *dst)',
   trtshim_transform_lora_add:
     'int32_t trtshim_transform_lora_add(float *weight, int64_t out_features, int64_t in_features, int32_t fan_in_fan_out, const float *up, const float *down, int64_t rank, double scale, int32_t num_threads)',
+
+  // (digest section)
+  trtshim_digest: 'int32_t trtshim_digest(const void *data, uint64_t size, int32_t dtype, int32_t num_threads, uint64_t *digest, uint64_t *nonfinite)',
+  trtshim_mapping_identity: 'int32_t trtshim_mapping_identity(const trtshim_mapping *mapping, uint64_t *identity)',
+  trtshim_mapping_advise: 'int32_t trtshim_mapping_advise(const trtshim_mapping *mapping, uint64_t offset, uint64_t length, int32_t advice)',
 } as const;
 
 export type NativeFunctionName = keyof typeof prototypes;

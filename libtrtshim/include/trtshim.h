@@ -520,6 +520,31 @@ TRTSHIM_API trtshim_status trtshim_transform_lora_add(float *weight, int64_t out
                                                       int32_t fan_in_fan_out, const float *up, const float *down,
                                                       int64_t rank, double scale, int32_t num_threads);
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Content digests and read-ahead (for refit plans over mapped checkpoints)                         */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* (digest section) */
+
+/* A 128-bit content digest of `size` bytes (digest[0], digest[1]) and, in the same pass, the number of
+   NaN and infinite elements when dtype is FLOAT32, FLOAT16, BFLOAT16 or FLOAT64 (size must then be a
+   whole number of elements; other dtypes count none). Not cryptographic: it tells changed tensors from
+   unchanged ones, it does not resist a crafted collision. The result is independent of num_threads
+   (0: one per core). digest or nonfinite may be null to skip that half. */
+TRTSHIM_API trtshim_status trtshim_digest(const void *data, uint64_t size, trtshim_dtype dtype, int32_t num_threads,
+                                          uint64_t *digest, uint64_t *nonfinite);
+/* The identity of a mapped file as it was when mapped (fstat): identity[0..4] = device, inode, size,
+   modification time and status-change time in nanoseconds. A key for caches of digests. */
+TRTSHIM_API trtshim_status trtshim_mapping_identity(const trtshim_mapping *mapping, uint64_t *identity);
+typedef enum {
+    TRTSHIM_ADVISE_WILLNEED = 0,   /* start reading the range into the page cache */
+    TRTSHIM_ADVISE_SEQUENTIAL = 1, /* the range will be read once, in order */
+    TRTSHIM_ADVISE_POPULATE = 2    /* map the range's pages now (one call instead of a page fault per few pages) */
+} trtshim_advice;
+/* Advice on a range of a mapping about to be read; changes nothing any reader sees. */
+TRTSHIM_API trtshim_status trtshim_mapping_advise(const trtshim_mapping *mapping, uint64_t offset, uint64_t length,
+                                                  int32_t advice);
+
 #ifdef __cplusplus
 }
 #endif

@@ -19,6 +19,7 @@
 struct trtshim_mapping {
     void *data; /* NULL for an empty file */
     uint64_t size;
+    uint64_t identity[5]; /* device, inode, size, mtime ns, ctime ns (fstat at open) */
 };
 
 trtshim_status trtshim_mapping_open(const char *path, trtshim_mapping **out) {
@@ -48,6 +49,11 @@ trtshim_status trtshim_mapping_open(const char *path, trtshim_mapping **out) {
         return set_error(TRTSHIM_ERR_MEMORY, "mapping_open '%s': out of memory", path);
     }
     mapping->size = (uint64_t)st.st_size;
+    mapping->identity[0] = (uint64_t)st.st_dev;
+    mapping->identity[1] = (uint64_t)st.st_ino;
+    mapping->identity[2] = (uint64_t)st.st_size;
+    mapping->identity[3] = (uint64_t)st.st_mtim.tv_sec * 1000000000u + (uint64_t)st.st_mtim.tv_nsec;
+    mapping->identity[4] = (uint64_t)st.st_ctim.tv_sec * 1000000000u + (uint64_t)st.st_ctim.tv_nsec;
     if (mapping->size > 0) {
         void *data = mmap(NULL, (size_t)mapping->size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (data == MAP_FAILED) {
@@ -82,4 +88,44 @@ trtshim_status trtshim_mapping_data(const trtshim_mapping *mapping, const void *
     *data = mapping->data;
     *size = mapping->size;
     return TRTSHIM_OK;
+}
+
+trtshim_status trtshim_mapping_identity(const trtshim_mapping *mapping, uint64_t *identity) {
+    if (mapping == NULL || identity == NULL)
+        return set_error(TRTSHIM_ERR_ARGUMENT, "mapping_identity: null %s", mapping == NULL ? "mapping" : "identity");
+    memcpy(identity, mapping->identity, sizeof(mapping->identity));
+    return TRTSHIM_OK;
+}
+
+/* Advice about to-be-read ranges. POPULATE maps the range's pages into the page table in one call (a
+   read of a fresh mapping otherwise takes a page fault per few pages); on kernels without
+   MADV_POPULATE_READ (before 5.14) it falls back to WILLNEED, which only starts reading the file in. */
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+trtshim_status trtshim_mapping_advise(const trtshim_mapping *mapping, uint64_t offset, uint64_t length, int32_t advice) {
+    if (mapping == NULL) return set_error(TRTSHIM_ERR_ARGUMENT, "mapping_advise: mapping is null");
+    if (offset > mapping->size || length > mapping->size - offset)
+        return set_error(TRTSHIM_ERR_ARGUMENT, "mapping_advise: range [%llu, +%llu) outside the %llu-byte mapping",
+                         (unsigned long long)offset, (unsigned long long)length, (unsigned long long)mapping->size);
+    if (length == 0 || mapping->data == NULL) return TRTSHIM_OK;
+    int how;
+    switch (advice) {
+    case TRTSHIM_ADVISE_WILLNEED: how = MADV_WILLNEED; break;
+    case TRTSHIM_ADVISE_SEQUENTIAL: how = MADV_SEQUENTIAL; break;
+    case TRTSHIM_ADVISE_POPULATE: how = MADV_POPULATE_READ; break;
+    default: return set_error(TRTSHIM_ERR_ARGUMENT, "mapping_advise: unknown advice %d", (int)advice);
+    }
+    /* madvise wants a page-aligned start. */
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t begin = (uintptr_t)mapping->data + (uintptr_t)offset;
+    uintptr_t end = begin + (uintptr_t)length;
+    begin &= ~(page - 1);
+    if (madvise((void *)begin, end - begin, how) == 0) return TRTSHIM_OK;
+    if (how == MADV_POPULATE_READ && (errno == EINVAL || errno == ENOSYS) && madvise((void *)begin, end - begin, MADV_WILLNEED) == 0)
+        return TRTSHIM_OK;
+    /* Advice only: a refusal changes nothing a reader sees. */
+    return set_error(TRTSHIM_ERR_IO, "mapping_advise: madvise(%d) on [%llu, +%llu): %s", how, (unsigned long long)offset,
+                     (unsigned long long)length, strerror(errno));
 }

@@ -17,6 +17,9 @@
  *   model's last apply needs none unless verification follows, since a failed apply changes nothing), so a
  *   failure anywhere (read, transform, validate, apply, a fallback, verification, an abort between
  *   tensors) puts every applied engine back and leaves every fallback as it was.
+ * - Non-finite values are refused here, once per value (NonFiniteValues): a value that is a view of a
+ *   checkpoint tensor the plan already scanned costs nothing (scans are memoized by file identity);
+ *   refitters run with their own check off, which would scan every value again in set, validate and apply.
  * - Optional verification runs probe inputs after everything is in and undoes all on rejection.
  * - On success the model's recorded digests become the plan's (refitting the same weights again moves 0 bytes).
  */
@@ -25,6 +28,7 @@ import * as E from 'fp-ts/lib/Either.js';
 import * as TE from 'fp-ts/lib/TaskEither.js';
 import type { WeightRole } from '../network/types.js';
 import { checkPlan, describeProblem, stateAfter, type PlanEntry, type PlanProblem, type RefitPlan } from '../plan/plan.js';
+import { nonFiniteCount } from '../weightmap/digest.js';
 import type { F32Tensor } from '../weightmap/evaluate.js';
 import type { MapTarget } from '../weightmap/map.js';
 import type { TensorStore } from '../weightmap/store.js';
@@ -81,8 +85,8 @@ export interface EffectOptions {
   /** Bytes staged in refitters at once (default twice the largest changed engine weight). */
   readonly stagingBytes?: number;
   readonly verify?: VerifyOptions;
-  /** Refuse non-finite values: engines in the native refitter, fallbacks here (default true). So a plan
-   *  made with `checkFinite: false` (no scan of every source) is still safe to execute. */
+  /** Refuse non-finite values (NonFiniteValues, naming the target), on engines and fallbacks (default
+   *  true). So a plan made with `checkFinite: false` (no scan of every source) is still safe to execute. */
   readonly checkFinite?: boolean;
 }
 
@@ -194,6 +198,19 @@ export const executePlanTE = (
     return value.right.data;
   };
 
+  /** evaluate, refusing non-finite values when asked. Done here for engines too (their refitters do not
+   *  check): a value that is a view of a checkpoint tensor the plan scanned costs nothing (the scan is
+   *  memoized by file identity), others are counted natively on every core, once. */
+  const checkFinite = options.checkFinite ?? true;
+  const evaluateFinite = (target: string, expr: PlanEntry['expr'], shape: readonly number[]): Float32Array => {
+    const values = evaluate(target, expr, shape);
+    if (checkFinite) {
+      const bad = nonFiniteCount(values);
+      if (bad > 0) fail({ _tag: 'NonFiniteValues', target, count: bad });
+    }
+    return values;
+  };
+
   const prepared = new Map<number, PreparedFallback>();
   const committed = new Map<number, PreparedFallback>(); // previous state of committed fallbacks
   const undo = new Map<number, Snapshot>();
@@ -239,14 +256,7 @@ export const executePlanTE = (
       const updates = new Map<string, Float32Array>();
       for (const e of fallbackEntries.filter((x) => x.segment === segment)) {
         checkAbort();
-        const values = evaluate(e.target, e.expr, e.shape);
-        // Engines check finiteness natively (setCheckFinite); fallbacks are checked here.
-        if (options.checkFinite ?? true) {
-          let bad = 0;
-          for (let i = 0; i < values.length; i++) if (!Number.isFinite(values[i])) bad++;
-          if (bad > 0) fail({ _tag: 'NonFiniteValues', target: e.target, count: bad });
-        }
-        updates.set(e.tensor!, values);
+        updates.set(e.tensor!, evaluateFinite(e.target, e.expr, e.shape));
         done++;
         bytesDone += e.bytes;
         progress('fallback', e.target);
@@ -271,7 +281,9 @@ export const executePlanTE = (
         const stage = model.stage(segment) as EngineStage;
         try {
           r = caps.refitter(segment, stage.engine);
-          r.setCheckFinite(options.checkFinite ?? true);
+          // Checked once, by evaluateFinite: the native check would scan every value again in
+          // set_weights, validate and apply.
+          r.setCheckFinite(false);
         } catch (e) {
           return fail({ _tag: 'EngineRefitFailed', segment, detail: messageOf(e) });
         }
@@ -307,7 +319,7 @@ export const executePlanTE = (
           const id = `engine/${segment}/${m.layer}/${m.role}`;
           const t = targets.get(id);
           if (t === undefined || t.status !== 'mapped') fail({ _tag: 'EngineRefitFailed', segment, detail: `weight ${m.layer} (${m.role}) must be restaged with a changed weight, and it has no checkpoint source` });
-          stage(segment, m.layer, m.role, t!.shape, evaluate(id, t!.expr, t!.shape));
+          stage(segment, m.layer, m.role, t!.shape, evaluateFinite(id, t!.expr, t!.shape));
         }
       }
       for (const [segment, r] of open) {
@@ -350,7 +362,7 @@ export const executePlanTE = (
       checkAbort();
       if (staged > 0 && staged + e.bytes > budget) await flush(false);
       const already = stagedKeys.get(e.segment)?.has(`${e.layer}\u0000${e.role}`) && open.has(e.segment);
-      if (!already) stage(e.segment, e.layer!, e.role as WeightRole, e.shape, evaluate(e.target, e.expr, e.shape));
+      if (!already) stage(e.segment, e.layer!, e.role as WeightRole, e.shape, evaluateFinite(e.target, e.expr, e.shape));
       done++;
       bytesDone += e.bytes;
       progress('engine', e.target);

@@ -10,7 +10,7 @@ import * as E from 'fp-ts/lib/Either.js';
 import * as t from 'io-ts';
 import { ExprCodec, exprSources, type Expr } from '../weightmap/expr.js';
 import type { WeightMap } from '../weightmap/map.js';
-import { combineDigests, digestCache } from '../weightmap/digest.js';
+import { combineDigests, scanCache } from '../weightmap/digest.js';
 import { isFloatDtype, type TensorStore } from '../weightmap/store.js';
 
 export interface PlanSource {
@@ -138,7 +138,8 @@ const problemKey = (p: PlanProblem): string => `${p.source}\u0000${p._tag}`;
 
 export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: PlanOptions = {}): RefitPlan => {
   const checkFinite = options.checkFinite ?? true;
-  const digestOf = digestCache(checkpoint);
+  // One read of each source gives both its digest and its count of non-finite values.
+  const { scan, digest: digestOf } = scanCache(checkpoint);
   const expected = new Map(map.sources.map((s) => [s.name, s]));
   const problems = new Map<string, PlanProblem>();
   const add = (p: PlanProblem) => problems.set(problemKey(p), p);
@@ -165,9 +166,7 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
     } else {
       if (lossy(info.dtype, targetDtype)) add({ _tag: 'LossyCast', severity: 'warning', source: name, from: info.dtype, to: targetDtype });
       if (checkFinite) {
-        const values = checkpoint.toFloat32(name);
-        let bad = 0;
-        for (let i = 0; i < values.length; i++) if (!Number.isFinite(values[i])) bad++;
+        const bad = scan(name)!.nonFinite;
         if (bad > 0) {
           add({ _tag: 'NonFinite', severity: 'error', source: name, count: bad });
           ok = false;
