@@ -6,7 +6,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
-import { Engine } from '../../ffi/engine.js';
+import { Engine, type QuantizedWeights } from '../../ffi/engine.js';
 import { native } from '../../ffi/library.js';
 import { evaluateExprNative, mergeLoraNative } from '../../ffi/transform.js';
 import { mergeAdapters, type LoraErrorDetail, type WeightedAdapter } from '../lora/lora.js';
@@ -22,6 +22,8 @@ import type { EngineOrigin } from '../model/model.js';
 export interface RefitterLike extends Disposable {
   setWeights(layer: string, role: WeightRole, weights: Weights): void;
   setCheckFinite(check: boolean): void;
+  /** Quantized values and scales for a kernel of the same format (a quantized checkpoint's copy path). */
+  setQuantizedWeights?(layer: string, role: WeightRole, weights: QuantizedWeights): void;
   missing(): Array<{ layer: string; role: WeightRole }>;
   validate(): void;
   apply(): void;

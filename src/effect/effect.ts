@@ -37,6 +37,12 @@ import { FallbackRunner, type PreparedFallback } from '../model/fallback.js';
 import { sameIdentity } from '../model/file.js';
 import type { EngineStage, FallbackStage, RefitModel } from '../model/model.js';
 import { defaultCapabilities, type EffectCapabilities, type RefitterLike, type Snapshot } from './capabilities.js';
+import type { QuantizedWeights } from '../../ffi/engine.js';
+import type { QuantizedEntry } from '../quant/checkpoint.js';
+import { describeQuantIssue } from '../quant/errors.js';
+import { dequantizedSource } from '../quant/mapped.js';
+import { quantizedIn, tensorSourceOf } from '../quant/store.js';
+import { decideCopy, kernelInfoOf } from './quantized.js';
 
 export type EffectErrorDetail =
   | { readonly _tag: 'PlanHasErrors'; readonly problems: readonly PlanProblem[] }
@@ -48,7 +54,8 @@ export type EffectErrorDetail =
   | { readonly _tag: 'NonFiniteValues'; readonly target: string; readonly count: number }
   | { readonly _tag: 'VerificationFailed'; readonly detail: string }
   | { readonly _tag: 'Aborted'; readonly after: number; readonly total: number }
-  | { readonly _tag: 'RollbackFailed'; readonly cause: string; readonly detail: string };
+  | { readonly _tag: 'RollbackFailed'; readonly cause: string; readonly detail: string }
+  | { readonly _tag: 'QuantizedMismatch'; readonly tensor: string; readonly target: string; readonly detail: string };
 
 export const describeEffectError = (e: EffectErrorDetail): string => {
   switch (e._tag) {
@@ -61,6 +68,7 @@ export const describeEffectError = (e: EffectErrorDetail): string => {
     case 'NonFiniteValues': return `${e.target}: ${e.count} non-finite value(s) (NaN or infinity)`;
     case 'VerificationFailed': return `verification on the probe inputs failed: ${e.detail}`;
     case 'Aborted': return `refit aborted after ${e.after} of ${e.total} weights; nothing was changed`;
+    case 'QuantizedMismatch': return `quantized checkpoint tensor '${e.tensor}' (for ${e.target}): ${e.detail}; nothing was changed`;
     case 'RollbackFailed': return `refit failed (${e.cause}) and undoing it failed too: ${e.detail}; the model is in an unknown state, reload it`;
   }
 };
@@ -110,7 +118,7 @@ const fail = (detail: EffectErrorDetail): never => {
 };
 const messageOf = (e: unknown): string => (e instanceof Error ? e.message : String(e));
 const count = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
-const dtypeBytes: Readonly<Record<string, number>> = { F64: 8, I64: 8, U64: 8, F32: 4, I32: 4, U32: 4, F16: 2, BF16: 2, I16: 2, U16: 2, I8: 1, U8: 1, BOOL: 1 };
+const dtypeBytes: Readonly<Record<string, number>> = { F64: 8, I64: 8, U64: 8, F32: 4, I32: 4, U32: 4, F16: 2, BF16: 2, I16: 2, U16: 2, I8: 1, U8: 1, F8_E4M3: 1, BOOL: 1 };
 
 /** A checkpoint tensor as float32: a zero-copy view for aligned F32 data, else converted. */
 const readSource = (store: TensorStore, name: string): F32Tensor | undefined => {
@@ -172,9 +180,23 @@ export const executePlanTE = (
   /** A target's value over the checkpoint. */
   /** Buffers of the tensors the last evaluation read: a result in one of them is a view, not a new allocation. */
   let sourceBuffers = new Set<ArrayBufferLike>();
+  // A quantized checkpoint (`<m>.weight` + `<m>.weight_scale`): copies into kernels of the same format
+  // are decided (and checked) before anything changes; every other read of a quantized tensor gets it
+  // dequantized into the layout the weight map recorded.
+  const source = tensorSourceOf(checkpoint);
+  let quantized: ReadonlyMap<string, QuantizedEntry> = new Map();
+  const recorded = new Map(model.weightMap.sources.map((s) => [s.name, s.shape] as const));
+  const copies = new Map<string, { readonly weights: QuantizedWeights; readonly reads: readonly string[] }>();
   const evaluate = (target: string, expr: PlanEntry['expr'], shape: readonly number[]): Float32Array => {
     sourceBuffers = new Set();
     const lookup = (name: string): F32Tensor | undefined => {
+      const entry = quantized.get(name);
+      if (entry !== undefined) {
+        const d = dequantizedSource(source, entry, recorded.get(name) ?? entry.valuesShape);
+        if (E.isLeft(d)) return fail({ _tag: 'QuantizedMismatch', tensor: name, target, detail: describeQuantIssue(d.left) });
+        sourcesRead.add(name);
+        return d.right;
+      }
       try {
         const t = readSource(checkpoint, name);
         if (t !== undefined) {
@@ -248,6 +270,27 @@ export const executePlanTE = (
 
   try {
     const targets = checkFits(model, plan);
+    const found = quantizedIn(checkpoint);
+    if (E.isLeft(found)) fail({ _tag: 'QuantizedMismatch', tensor: found.left._tag === 'BadWeightFormat' ? found.left.text : found.left.tensor, target: '(checkpoint)', detail: describeQuantIssue(found.left) });
+    quantized = E.isRight(found) ? found.right : new Map();
+    if (quantized.size > 0) {
+      // Decided against the engines themselves (not the plan's word), before anything changes.
+      const kernels = kernelInfoOf(model);
+      for (const e of changed.filter((x) => x.kind === 'engine')) {
+        const t = targets.get(e.target)!;
+        const copy = decideCopy(t, quantized, recorded, kernels, source);
+        if (E.isLeft(copy)) {
+          const issue = copy.left;
+          fail({ _tag: 'QuantizedMismatch', tensor: issue._tag === 'BadWeightFormat' ? issue.text : issue.tensor, target: e.target, detail: describeQuantIssue(issue) });
+        } else if (copy.right !== undefined) {
+          if (checkFinite) {
+            const bad = nonFiniteCount(copy.right.weights.scales);
+            if (bad > 0) fail({ _tag: 'NonFiniteValues', target: e.target, count: bad });
+          }
+          copies.set(e.target, copy.right);
+        }
+      }
+    }
     checkAbort();
 
     // Fallbacks: new bytes and sessions, prepared but not swapped in.
@@ -292,6 +335,28 @@ export const executePlanTE = (
       }
       return r;
     };
+    const stageCopy = (segment: number, layer: string, role: WeightRole, q: QuantizedWeights) => {
+      const r = refitterFor(segment);
+      if (r.setQuantizedWeights === undefined) return fail({ _tag: 'EngineRefitFailed', segment, detail: 'this refitter cannot take quantized weights' });
+      try {
+        r.setQuantizedWeights(layer, role, q);
+      } catch (e) {
+        fail({ _tag: 'EngineRefitFailed', segment, detail: messageOf(e) });
+      }
+      stagedKeys.get(segment)!.add(`${layer}\u0000${role}`);
+      // Values are views of the checkpoint; scales (and converted zero points) are small copies.
+      staged += q.scales.byteLength;
+      peak = Math.max(peak, staged);
+    };
+    /** Stages one target: a decided copy as it is, anything else evaluated. */
+    const stageTarget = (segment: number, id: string, layer: string, role: WeightRole, shape: readonly number[], expr: PlanEntry['expr']) => {
+      const copy = copies.get(id);
+      if (copy !== undefined) {
+        copy.reads.forEach((n) => sourcesRead.add(n));
+        stageCopy(segment, layer, role, copy.weights);
+      } 
+      else stage(segment, layer, role, shape, evaluateFinite(id, expr, shape));
+    };
     const stage = (segment: number, layer: string, role: WeightRole, shape: readonly number[], data: Float32Array) => {
       const r = refitterFor(segment);
       try {
@@ -319,7 +384,13 @@ export const executePlanTE = (
           const id = `engine/${segment}/${m.layer}/${m.role}`;
           const t = targets.get(id);
           if (t === undefined || t.status !== 'mapped') fail({ _tag: 'EngineRefitFailed', segment, detail: `weight ${m.layer} (${m.role}) must be restaged with a changed weight, and it has no checkpoint source` });
-          stage(segment, m.layer, m.role, t!.shape, evaluateFinite(id, t!.expr, t!.shape));
+          if (!copies.has(id) && quantized.size > 0) {
+            // A restaged weight reading a quantized tensor: checked against the engine like the others.
+            const copy = decideCopy(t!, quantized, recorded, kernelInfoOf(model), source);
+            if (E.isLeft(copy)) fail({ _tag: 'QuantizedMismatch', tensor: 'tensor' in copy.left ? copy.left.tensor : '', target: id, detail: describeQuantIssue(copy.left) });
+            else if (copy.right !== undefined) copies.set(id, copy.right);
+          }
+          stageTarget(segment, id, m.layer, m.role, t!.shape, t!.expr);
         }
       }
       for (const [segment, r] of open) {
@@ -362,7 +433,7 @@ export const executePlanTE = (
       checkAbort();
       if (staged > 0 && staged + e.bytes > budget) await flush(false);
       const already = stagedKeys.get(e.segment)?.has(`${e.layer}\u0000${e.role}`) && open.has(e.segment);
-      if (!already) stage(e.segment, e.layer!, e.role as WeightRole, e.shape, evaluateFinite(e.target, e.expr, e.shape));
+      if (!already) stageTarget(e.segment, e.target, e.layer!, e.role as WeightRole, e.shape, e.expr);
       done++;
       bytesDone += e.bytes;
       progress('engine', e.target);

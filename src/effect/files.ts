@@ -19,6 +19,8 @@ import { fromBytes, toBytes, type DType, type Tensor } from '../trace/ir.js';
 import type { TensorStore } from '../weightmap/store.js';
 import { describeEffectError, executePlanTE, type EffectErrorDetail, type EffectOptions, type RefitReport } from './effect.js';
 import { defaultMerge, type EffectCapabilities } from './capabilities.js';
+import { kernelInfoOf } from './quantized.js';
+import { quantizedIn } from '../quant/store.js';
 
 export type RefitFilesErrorDetail =
   | { readonly _tag: 'Compile'; readonly detail: CompileErrorDetail }
@@ -130,14 +132,21 @@ export const planFileTE = (modelPath: string, weights: WeightsSpec): TE.TaskEith
   pipe(
     readModelHeaderTE(modelPath),
     TE.mapLeft((detail): RefitFilesErrorDetail => ({ _tag: 'ModelFile', detail })),
-    TE.chain((header) => pipe(openWeightsTE(weights), TE.map((opened) => {
+    TE.chain((header) => pipe(openWeightsTE(weights), TE.chain((opened) => async () => {
       try {
-        return planRefit(header.weightMap, opened.store, { current: header.current });
+        // A quantized checkpoint: whether a tensor is copied or dequantized depends on the engines' kernel
+        // formats, so the engines are read too (still a dry run).
+        const found = quantizedIn(opened.store);
+        if (E.isLeft(found) || found.right.size === 0) return E.right(planRefit(header.weightMap, opened.store, { current: header.current }));
+        const model = await readModelFileTE(modelPath)();
+        if (E.isLeft(model)) return E.left({ _tag: 'ModelFile', detail: model.left } as const);
+        using m = model.right;
+        return E.right(planRefit(header.weightMap, opened.store, { current: header.current, kernels: kernelInfoOf(m) }));
       } finally {
         opened.close();
       }
-    }))),
-  );
+    })),
+  ));
 
 export const planFile = (modelPath: string, weights: WeightsSpec): Promise<RefitPlan> => rejecting(planFileTE(modelPath, weights));
 
@@ -145,7 +154,8 @@ export const planFile = (modelPath: string, weights: WeightsSpec): Promise<Refit
 
 /** The plan a refit executes: against the model's current digests, without the plan's own scan for
  *  non-finite values (the effect refuses them while staging: one pass over the data instead of two). */
-export const planForRefit = (model: RefitModel, store: TensorStore): RefitPlan => planRefit(model.weightMap, store, { current: model.current, checkFinite: false });
+export const planForRefit = (model: RefitModel, store: TensorStore): RefitPlan =>
+  planRefit(model.weightMap, store, { current: model.current, checkFinite: false, kernels: kernelInfoOf(model) });
 
 export interface RefitFileOptions extends EffectOptions {
   /** Where the refitted model goes (default: in place). */

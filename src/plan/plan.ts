@@ -12,6 +12,11 @@ import { ExprCodec, exprSources, type Expr } from '../weightmap/expr.js';
 import type { WeightMap } from '../weightmap/map.js';
 import { combineDigests, scanCache } from '../weightmap/digest.js';
 import { isFloatDtype, type TensorStore } from '../weightmap/store.js';
+import type { MapTarget } from '../weightmap/map.js';
+import type { WeightKernelFormat } from '../../ffi/engine.js';
+import { describeQuantIssue } from '../quant/errors.js';
+import { mappedPathOf } from '../quant/mapped.js';
+import { companionsOf, quantizedIn } from '../quant/store.js';
 
 export interface PlanSource {
   readonly name: string;
@@ -33,7 +38,13 @@ export interface PlanEntry {
   readonly sources: readonly PlanSource[];
   readonly sourceDigest: string;
   readonly changed: boolean;
+  /** How the value comes in: evaluated over float tensors, copied from a quantized checkpoint tensor into
+   *  a kernel of the same format, or evaluated over dequantized tensors. Absent in plans of older versions
+   *  (read as 'float'). */
+  readonly path?: RefitPath;
 }
+
+export type RefitPath = 'float' | 'quantized-copy' | 'dequantize';
 
 export type PlanProblem =
   | { readonly _tag: 'MissingSource'; readonly severity: 'error'; readonly source: string; readonly targets: readonly string[] }
@@ -41,7 +52,8 @@ export type PlanProblem =
   | { readonly _tag: 'NotFloat'; readonly severity: 'error'; readonly source: string; readonly dtype: string }
   | { readonly _tag: 'LossyCast'; readonly severity: 'warning'; readonly source: string; readonly from: string; readonly to: string }
   | { readonly _tag: 'NonFinite'; readonly severity: 'error'; readonly source: string; readonly count: number }
-  | { readonly _tag: 'UnusedTensor'; readonly severity: 'warning'; readonly source: string };
+  | { readonly _tag: 'UnusedTensor'; readonly severity: 'warning'; readonly source: string }
+  | { readonly _tag: 'QuantizedMismatch'; readonly severity: 'error'; readonly source: string; readonly detail: string };
 
 export interface PlanTotals {
   readonly targets: number;
@@ -72,7 +84,7 @@ const EntryCodec = t.intersection([
     target: t.string, kind: t.keyof({ engine: null, fallback: null }), segment: t.number, expr: ExprCodec, dtype: t.string, shape: Shape,
     bytes: t.number, sources: t.readonlyArray(SourceCodec), sourceDigest: t.string, changed: t.boolean,
   }),
-  t.partial({ layer: t.string, role: t.string, tensor: t.string }),
+  t.partial({ layer: t.string, role: t.string, tensor: t.string, path: t.keyof({ float: null, 'quantized-copy': null, dequantize: null }) }),
 ]);
 const ProblemCodec = t.union([
   t.type({ _tag: t.literal('MissingSource'), severity: t.literal('error'), source: t.string, targets: t.readonlyArray(t.string) }),
@@ -81,6 +93,7 @@ const ProblemCodec = t.union([
   t.type({ _tag: t.literal('LossyCast'), severity: t.literal('warning'), source: t.string, from: t.string, to: t.string }),
   t.type({ _tag: t.literal('NonFinite'), severity: t.literal('error'), source: t.string, count: t.number }),
   t.type({ _tag: t.literal('UnusedTensor'), severity: t.literal('warning'), source: t.string }),
+  t.type({ _tag: t.literal('QuantizedMismatch'), severity: t.literal('error'), source: t.string, detail: t.string }),
 ]);
 const TotalsCodec = t.type({
   targets: t.number, changed: t.number, unchanged: t.number, constant: t.number, bytesTotal: t.number, bytesToMove: t.number,
@@ -104,6 +117,7 @@ export const describeProblem = (p: PlanProblem): string => {
     case 'LossyCast': return `checkpoint tensor '${p.source}' is ${p.from}; the engine holds ${p.to} (precision is lost)`;
     case 'NonFinite': return `checkpoint tensor '${p.source}' has ${p.count} non-finite value(s)`;
     case 'UnusedTensor': return `checkpoint tensor '${p.source}' maps to no weight`;
+    case 'QuantizedMismatch': return `quantized checkpoint tensor '${p.source}': ${p.detail}`;
   }
 };
 
@@ -123,6 +137,10 @@ export interface PlanOptions {
   readonly current?: Readonly<Record<string, string>>;
   /** Scan every source for NaN and infinities (default true). */
   readonly checkFinite?: boolean;
+  /** The engine kernel a target refits and whether a batch norm is folded into it (from the engines);
+   *  decides whether a quantized checkpoint tensor is copied or dequantized. Without it every target
+   *  reading a quantized tensor is planned as 'dequantize'. */
+  readonly kernels?: (target: MapTarget) => { readonly kernel: WeightKernelFormat | undefined; readonly folded: boolean };
 }
 
 const bytesPer = (dtype: string): number => (dtype === 'float64' || dtype === 'int64' ? 8 : dtype === 'float16' || dtype === 'bfloat16' ? 2 : dtype === 'int8' || dtype === 'uint8' || dtype === 'bool' ? 1 : 4);
@@ -145,6 +163,12 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
   const add = (p: PlanProblem) => problems.set(problemKey(p), p);
   const sourceOk = new Map<string, boolean>();
   const missingFor = new Map<string, string[]>();
+  // A quantized checkpoint: `<m>.weight` quantized with `<m>.weight_scale` (src/quant); such weights are
+  // checked against the engine's kernel (mappedPathOf), not as float sources.
+  const found = quantizedIn(checkpoint);
+  if (E.isLeft(found)) add({ _tag: 'QuantizedMismatch', severity: 'error', source: found.left._tag === 'BadWeightFormat' ? found.left.text : found.left.tensor, detail: describeQuantIssue(found.left) });
+  const quantized = E.isRight(found) ? found.right : new Map();
+  const recorded = new Map(map.sources.map((s) => [s.name, s.shape] as const));
   /** Checks a source once; false when the target cannot be refitted from it. */
   const checkSource = (name: string, target: string, targetDtype: string): boolean => {
     const info = checkpoint.tensors.get(name);
@@ -154,6 +178,7 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
     }
     const known = sourceOk.get(name);
     if (known !== undefined) return known;
+    if (quantized.has(name)) return true;
     let ok = true;
     const want = expected.get(name);
     if (want !== undefined && want.shape.join() !== info.shape.join()) {
@@ -188,8 +213,20 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
     }
     const names = exprSources(target.expr);
     names.forEach((n) => used.add(n));
-    const ok = names.map((n) => checkSource(n, target.id, target.dtype)).every(Boolean);
-    const sourceDigest = ok ? combineDigests(names.map(digestOf)) : '';
+    // A quantized weight's values are its codes and its scales (and zero points): all are read and digested.
+    const read = names.flatMap((n) => (quantized.has(n) ? companionsOf(quantized.get(n)!) : [n]));
+    read.forEach((n) => used.add(n));
+    let ok = names.map((n) => checkSource(n, target.id, target.dtype)).every(Boolean);
+    const kernel = quantized.size > 0 ? options.kernels?.(target) : undefined;
+    const mapped = mappedPathOf(target, quantized, (n) => recorded.get(n), kernel?.kernel, kernel?.folded ?? false);
+    if (E.isLeft(mapped)) {
+      const issue = mapped.left;
+      add({ _tag: 'QuantizedMismatch', severity: 'error', source: issue._tag === 'BadWeightFormat' ? issue.text : issue.tensor, detail: describeQuantIssue(issue) });
+      ok = false;
+    }
+    // Only a copy can mismatch (format, shape, group size): such a target is planned as a refused copy.
+    const path: RefitPath = E.isLeft(mapped) ? 'quantized-copy' : ({ float: 'float', copy: 'quantized-copy', dequantize: 'dequantize' } as const)[mapped.right.path];
+    const sourceDigest = ok ? combineDigests(read.map(digestOf)) : '';
     const now = options.current?.[target.id] ?? target.built.sourceDigest;
     entries.push({
       target: target.id, kind: target.kind, segment: target.segment,
@@ -201,6 +238,7 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
       }),
       sourceDigest,
       changed: !ok || sourceDigest !== now,
+      path,
     });
   }
   for (const [source, ids] of missingFor) add({ _tag: 'MissingSource', severity: 'error', source, targets: ids });
@@ -208,7 +246,8 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
   const sortedProblems = [...problems.values()].sort((a, b) => compare(problemKey(a), problemKey(b)));
   const changed = entries.filter((e) => e.changed);
   const sourceBytes = new Map<string, number>();
-  for (const e of changed) for (const s of e.sources) if (s.dtype !== 'missing') sourceBytes.set(s.name, count(s.shape) * (s.dtype === 'F64' ? 8 : s.dtype === 'F16' || s.dtype === 'BF16' ? 2 : 4));
+  const storedBytes = (dtype: string): number => (dtype === 'F64' ? 8 : dtype === 'F16' || dtype === 'BF16' ? 2 : dtype === 'I8' || dtype === 'U8' || dtype === 'F8_E4M3' ? 1 : 4);
+  for (const e of changed) for (const s of e.sources) if (s.dtype !== 'missing') sourceBytes.set(s.name, count(s.shape) * storedBytes(s.dtype));
   return {
     version: 1,
     entries,
@@ -241,12 +280,25 @@ export const stateAfter = (plan: RefitPlan, before: Readonly<Record<string, stri
   return next;
 };
 
+/** Per path, how many weights take it, naming those that are not plain float (a quantized checkpoint). */
+const pathLines = (plan: RefitPlan): string[] => {
+  const special = plan.entries.filter((e) => (e.path ?? 'float') !== 'float');
+  if (special.length === 0) return [];
+  const counts = new Map<RefitPath, number>();
+  for (const e of plan.entries) counts.set(e.path ?? 'float', (counts.get(e.path ?? 'float') ?? 0) + 1);
+  return [
+    `paths: ${[...counts].map(([p, n]) => `${n} ${p}`).join(', ')}`,
+    ...special.map((e) => `  ${e.path} ${e.target} <- ${e.sources.map((s) => s.name).join(', ')}`),
+  ];
+};
+
 /** A one-screen summary for `trt-refit plan` without --json. */
 export const summarizePlan = (plan: RefitPlan): string => {
   const t = plan.totals;
   const lines = [
     `${t.targets} weights: ${t.changed} changed, ${t.unchanged} unchanged, ${t.constant} graph constants`,
     `${t.bytesToMove} of ${t.bytesTotal} bytes move; ${t.sourceBytesToRead} checkpoint bytes to read`,
+    ...pathLines(plan),
     ...plan.problems.map((p) => `${p.severity}: ${describeProblem(p)}`),
   ];
   return lines.join('\n');
