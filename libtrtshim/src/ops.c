@@ -62,8 +62,9 @@ float elementwise_apply(trtshim_elementwise_op op, float a, float b) {
     case TRTSHIM_ELEMENTWISE_MUL: return a * b;
     case TRTSHIM_ELEMENTWISE_DIV: return a / b;
     case TRTSHIM_ELEMENTWISE_POW: return powf(a, b);
-    case TRTSHIM_ELEMENTWISE_MIN: return fminf(a, b);
-    case TRTSHIM_ELEMENTWISE_MAX: return fmaxf(a, b);
+    /* NaN propagates, as in ONNX and the reference evaluator (fminf/fmaxf would drop it). */
+    case TRTSHIM_ELEMENTWISE_MIN: return (a != a || b != b) ? a + b : fminf(a, b);
+    case TRTSHIM_ELEMENTWISE_MAX: return (a != a || b != b) ? a + b : fmaxf(a, b);
     }
     return a;
 }
