@@ -4,7 +4,7 @@
  * files' embedded initializers, ONNX Runtime's outputs for the stored inputs, and meta.json.
  */
 import { readFileSync } from 'node:fs';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, join, relative, sep } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import * as ort from 'onnxruntime-node';
 import { openSafetensors, type SafetensorsFile } from '../src/safetensors/reader.js';
@@ -21,8 +21,15 @@ const meta = (model: string) => JSON.parse(readFileSync(join(fixturesDir, model,
 
 describe('fixture files', () => {
   const files = fixtureFiles();
-  it('are all there', () => {
-    expect(files.length).toBe(24);
+  it('are all there: every model folder has its checkpoints, inputs and expected outputs', () => {
+    const folderOf = (f: string) => relative(fixturesDir, f).split(sep)[0];
+    const folders = [...new Set(files.map(folderOf))];
+    expect(folders.length).toBeGreaterThanOrEqual(4);
+    for (const folder of folders) {
+      for (const name of ['weights_v1', 'weights_v2', 'inputs', 'expected_v1', 'expected_v2']) {
+        expect(files.some((f) => folderOf(f) === folder && basename(f) === `${name}.safetensors`), `${folder}/${name}.safetensors`).toBe(true);
+      }
+    }
   });
 
   for (const path of files) {
