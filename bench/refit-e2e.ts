@@ -10,7 +10,8 @@
  * against host memcpy measured in the same run, peak extra anonymous memory during the refit against the
  * largest tensor, refit time against the full compile, plan and refit of the same weights again (0 bytes;
  * the plan's scans are memoized by file identity), a plan over a fresh mapping with that memo emptied (as
- * a new process would see it), and writing the refitted .trtr.
+ * a new process would see it), writing the refitted .trtr, and read-back verification after the refit
+ * (Engine.weightDigests of every engine) as a ratio to the refit without it (readback_ratio, goal <= 1.1).
  */
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -167,6 +168,12 @@ const measure = async (label: string, targetBytes: number, memcpy: number, figur
     const refitSeconds = seconds(start);
     peak = Math.max(peak, rssAnon());
     const peakRss = vm('VmHWM');
+    // Read-back verification after the refit: every engine reports the digests of what its kernels hold.
+    start = process.hrtime.bigint();
+    let readbackWeights = 0;
+    for (const stage of model.stages) if (stage.kind === 'engine') readbackWeights += stage.engine.weightDigests().size;
+    const readbackSeconds = seconds(start);
+    if (readbackWeights === 0) throw new Error('read-back verification reported no weights');
     start = process.hrtime.bigint();
     const again = planForRefit(model, ckptB);
     const planAgainSeconds = seconds(start);
@@ -197,6 +204,8 @@ const measure = async (label: string, targetBytes: number, memcpy: number, figur
     figures[`${label}_refit_peak_extra_anon_bytes`] = { value: peak - baseline, unit: 'B' };
     // Includes the checkpoint's mapped file pages the refit read (zero-copy views, reclaimable page cache).
     figures[`${label}_refit_peak_extra_rss_with_mapped_pages_bytes`] = { value: peakRss - rssBefore, unit: 'B' };
+    figures[`${label}_readback_seconds`] = { value: readbackSeconds, unit: 's' };
+    figures[`${label}_readback_throughput`] = { value: bytes / readbackSeconds, unit: 'B/s' };
     figures[`${label}_plan_again_seconds`] = { value: planAgainSeconds, unit: 's' };
     figures[`${label}_plan_fresh_mapping_empty_scan_cache_seconds`] = { value: planColdCacheSeconds, unit: 's' };
     figures[`${label}_refit_same_again_seconds`] = { value: againSeconds, unit: 's' };
@@ -204,6 +213,9 @@ const measure = async (label: string, targetBytes: number, memcpy: number, figur
     figures[`${label}_save_trtr_seconds`] = { value: saveSeconds, unit: 's' };
     ratios[`${label}_refit_throughput_vs_memcpy`] = report.bytesMoved / refitSeconds / memcpy;
     ratios[`${label}_refit_vs_compile_time`] = refitSeconds / compileSeconds;
+    // The cost of read-back verification: (refit + weightDigests) against the refit alone (goal <= 1.1).
+    ratios[`${label}_readback_ratio`] = (refitSeconds + readbackSeconds) / refitSeconds;
+    ratios[`${label}_readback_throughput_vs_memcpy`] = bytes / readbackSeconds / memcpy;
     ratios[`${label}_plan_vs_refit_time`] = planSeconds / refitSeconds;
     ratios[`${label}_plan_read_throughput_vs_memcpy`] = bytes / planSeconds / memcpy;
     ratios[`${label}_peak_extra_memory_vs_largest_tensor`] = (peak - baseline) / largestTensorBytes;

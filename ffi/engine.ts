@@ -262,6 +262,22 @@ export class Engine implements Disposable {
     });
   }
 
+  /** Read-back verification: per refittable weight, keyed `${layer}\u0000${role}`, the digest ('c1:' and 32
+   *  hex digits, as valueDigest formats one) of the network-level values the engine's kernels hold, read
+   *  back from the buffers they run with: packed kernels unpacked (float16/bfloat16 widened, int8/fp8/int4
+   *  dequantized), float32 for everything else, an integer constant's raw bytes. heldValueDigest
+   *  (src/verify/expected.ts) gives the digest expected for given values. Throws NativeError: STATE for a
+   *  stripped engine not yet filled (or fold copies not kept), VALIDATION when a folded batch norm or a
+   *  second copy of a weight does not match what is read, naming the weight or layer. */
+  weightDigests(options: { numThreads?: number } = {}): Map<string, string> {
+    const h = this.#handle.get();
+    const list = this.weights();
+    const out = new BigUint64Array(Math.max(1, 2 * list.length));
+    call('trtshim_engine_weight_digests', h, out, options.numThreads ?? 0);
+    const hex = (x: bigint) => x.toString(16).padStart(16, '0');
+    return new Map(list.map((w, i) => [`${w.layer}\u0000${w.role}`, `c1:${hex(out[2 * i])}${hex(out[2 * i + 1])}`]));
+  }
+
   describe(): unknown {
     const h = this.#handle.get();
     let buffer = new Uint8Array(1 << 16);

@@ -284,6 +284,9 @@ const prototypes = {
   trtshim_digest: 'int32_t trtshim_digest(const void *data, uint64_t size, int32_t dtype, int32_t num_threads, uint64_t *digest, uint64_t *nonfinite)',
   trtshim_mapping_identity: 'int32_t trtshim_mapping_identity(const trtshim_mapping *mapping, uint64_t *identity)',
   trtshim_mapping_advise: 'int32_t trtshim_mapping_advise(const trtshim_mapping *mapping, uint64_t offset, uint64_t length, int32_t advice)',
+
+  // (readback section)
+  trtshim_engine_weight_digests: 'int32_t trtshim_engine_weight_digests(const trtshim_engine *engine, uint64_t *digests, int32_t num_threads)',
 } as const;
 
 export type NativeFunctionName = keyof typeof prototypes;

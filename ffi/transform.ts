@@ -4,7 +4,8 @@
  *
  * Results equal the TypeScript references (evaluateExpr, mergeAdapters) bit for bit, NaN payloads aside,
  * and so do the errors: the same Left for the same expression. Transpose, cast, BatchNorm folds and the
- * LoRA product run natively (threaded); reshape is a view; slice and concat are block copies, done here.
+ * LoRA product run natively (threaded); reshape is a view; slice, concat, gather (constant indices) and
+ * expand are copies done here, by the reference's own functions.
  *
  * Memory: a result is a fresh Float32Array. Intermediates this evaluator made itself are transformed in
  * place where the kernel allows it (cast, fold), and tensors from the lookup (possibly mapped files) are
@@ -12,7 +13,7 @@
  */
 import * as E from 'fp-ts/lib/Either.js';
 import type { Expr } from '../src/weightmap/expr.js';
-import { concatF32, sliceF32, transposeF32, type EvalError, type F32Tensor, type SourceLookup } from '../src/weightmap/evaluate.js';
+import { concatF32, evaluateExpr, sliceF32, transposeF32, type EvalError, type F32Tensor, type SourceLookup } from '../src/weightmap/evaluate.js';
 import { baseWeightOf, type LoraErrorDetail, type WeightedAdapter } from '../src/lora/lora.js';
 import { overlayStore, readF32, type TensorStore } from '../src/weightmap/store.js';
 import { call, DType, MAX_RANK } from './library.js';
@@ -138,6 +139,13 @@ const padNaN = (v: Float32Array, length: number): Float32Array => {
 const isPermutation = (perm: readonly number[], rank: number): boolean =>
   perm.length === rank && [...perm].sort((a, b) => a - b).every((p, i) => p === i);
 
+/** One operation of the reference evaluator applied to an evaluated input: its value and its Left. */
+const viaReference = (e: Extract<Expr, { op: 'gather' | 'expand' }>, x: F32Tensor): F32Tensor => {
+  const r = evaluateExpr({ ...e, x: { op: 'source', name: '' } }, () => x);
+  if (E.isLeft(r)) throw new Failure(r.left);
+  return r.right;
+};
+
 const evalValue = (e: Expr, lookup: SourceLookup, options: TransformOptions | undefined): Value => {
   const ev = (x: Expr) => evalValue(x, lookup, options);
   switch (e.op) {
@@ -181,6 +189,7 @@ const evalValue = (e: Expr, lookup: SourceLookup, options: TransformOptions | un
       }
       return { t: concatF32(xs, e.axis), owned: true };
     }
+    case 'gather': case 'expand': return { t: viaReference(e, ev(e.x).t), owned: true };
     case 'bnFoldWeight': {
       const w = ev(e.weight);
       const gamma = ev(e.gamma).t.data;

@@ -1,12 +1,13 @@
 /** Several processes on one cache: two compiling the same model at once both succeed and leave one entry;
- *  a writer killed at random points leaves the cache readable and never serves a damaged entry. */
+ *  a writer killed at each step of an insert (src/crash-point.ts: the child stops itself there, no
+ *  wall-clock kill) leaves the cache readable and never serves a damaged entry. */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { fc } from '@fast-check/vitest';
 import { CacheStore } from '../src/cache/store.js';
+import { CRASH_ENV } from '../src/crash-point.js';
 import { compileModelWithCache } from '../src/cache/model.js';
 import { killTestBlobs, killTestKey } from './support/cache-child.js';
 import { fixtureAnalyzed, fixtureInputs } from './support/cache-fixtures.js';
@@ -15,20 +16,16 @@ import { repoRoot } from './support/safetensors.js';
 
 const child = join(repoRoot, 'test', 'support', 'cache-child.ts');
 
-const runChild = (args: string[], killAfterMs?: number): Promise<{ code: number | null; killed: boolean; stdout: string; ms: number }> =>
+/** Runs the child to its end, or to its crash at `crashAt` (src/crash-point.ts). */
+const runChild = (args: string[], crashAt?: string): Promise<{ code: number | null; killed: boolean; stdout: string }> =>
   new Promise((resolve, reject) => {
-    const proc = spawn(process.execPath, ['--import', 'tsx', child, ...args], { cwd: repoRoot, stdio: ['ignore', 'pipe', 'inherit'] });
+    const proc = spawn(process.execPath, ['--import', 'tsx', child, ...args], { cwd: repoRoot, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, [CRASH_ENV]: crashAt ?? '' } });
     let stdout = '';
-    let started = 0;
     proc.stdout.on('data', (chunk: Buffer) => {
       stdout += chunk.toString();
-      if (started === 0 && stdout.includes('writing')) {
-        started = performance.now();
-        if (killAfterMs !== undefined) setTimeout(() => proc.kill('SIGKILL'), killAfterMs);
-      }
     });
     proc.on('error', reject);
-    proc.on('exit', (code, signal) => resolve({ code, killed: signal === 'SIGKILL', stdout, ms: performance.now() - started }));
+    proc.on('exit', (code, signal) => resolve({ code, killed: signal === 'SIGKILL', stdout }));
   });
 
 describe('two processes compiling the same model at once', () => {
@@ -60,48 +57,37 @@ describe('two processes compiling the same model at once', () => {
 });
 
 describe('a writer killed while inserting', () => {
-  it('leaves the cache readable; a lookup finds the complete entry or a miss, never a damaged one', async () => {
+  it('leaves the cache readable at every step of an insert; a lookup finds the complete entry or a miss, never a damaged one', async () => {
     using dir = temporaryCache();
     const store = new CacheStore({ root: dir.path });
-    const full = await runChild(['insert', join(dir.path, 'calibration')]);
-    expect(full.code).toBe(0);
     const want = killTestBlobs();
-    const delays = [Math.round(full.ms / 2), ...fc.sample(fc.integer({ min: 0, max: Math.max(1, Math.ceil(full.ms * 1.2)) }), { numRuns: 4 })];
-    let leftovers = 0;
-    let hits = 0;
-    let runs = 0;
-    // Random kill points first; then, if none of them happened to land mid-write (the machine's load moves
-    // the write window), search for one by bisection between a kill that came too early and one too late.
-    let early = 0;
-    let late = Math.max(1, Math.ceil(full.ms * 1.2));
-    const nextDelay = (i: number): number | undefined => {
-      if (i < delays.length) return delays[i];
-      if (leftovers > 0 || i >= delays.length + 10) return undefined;
-      return Math.round((early + late) / 2);
-    };
-    for (let i = 0, delay = nextDelay(0); delay !== undefined; i++, delay = nextDelay(i)) {
-      runs++;
-      const run = await runChild(['insert', dir.path], delay);
-      const left = existsSync(store.tmpDir) ? readdirSync(store.tmpDir).length : 0;
-      leftovers += left;
+    const leftovers = () => (existsSync(store.tmpDir) ? readdirSync(store.tmpDir).length : 0);
+    // Each crash point of CacheStore.put, and whether the entry is in place when the process dies.
+    const cases: { at: string | undefined; entry: boolean }[] = [
+      { at: 'cache.put.blob#1', entry: false },
+      { at: 'cache.put.blob#33', entry: false },
+      { at: `cache.put.blob#${want.length}`, entry: false },
+      { at: 'cache.put.staged', entry: false },
+      { at: 'cache.put.renamed', entry: true },
+      { at: undefined, entry: true },
+    ];
+    for (const c of cases) {
+      const run = await runChild(['insert', dir.path], c.at);
+      expect(run.killed, String(c.at)).toBe(c.at !== undefined);
+      if (c.at === undefined) expect(run.code).toBe(0);
+      // Killed before the rename: its staging directory is left behind, and nothing else.
+      expect(leftovers(), String(c.at)).toBe(c.entry ? 0 : 1);
       for (const e of await store.ls()) expect(e.status).toBe('ok');
       const r = await store.get(killTestKey);
-      if (!run.killed) expect(r._tag).toBe('hit');
-      // Too late: the entry was complete; too early: nothing was written yet.
-      if (r._tag === 'hit') late = Math.min(late, delay);
-      else if (left === 0) early = Math.max(early, delay);
+      expect(r._tag, String(c.at)).toBe(c.entry ? 'hit' : 'miss');
       if (r._tag === 'hit') {
-        hits++;
         expect(r.entry.blobs.size).toBe(want.length);
         for (const b of want) expect(Buffer.from(r.entry.blobs.get(b.name)!).equals(Buffer.from(b.data))).toBe(true);
         await store.remove(killTestKey.digest);
       }
       // gc clears what the killed writer left.
       await store.gc();
-      expect(existsSync(store.tmpDir) ? readdirSync(store.tmpDir).length : 0).toBe(0);
+      expect(leftovers()).toBe(0);
     }
-    // Some kill landed mid-write (a staging directory was left), so the interesting case ran.
-    expect(leftovers).toBeGreaterThan(0);
-    expect(hits).toBeLessThan(runs + 1);
   });
 });

@@ -1,9 +1,8 @@
 /**
- * The engine cache from the command line (child processes): `compile --cache DIR`, $TRT_REFIT_CACHE and
+ * The engine cache from the command line (main() in this process): `compile --cache DIR`, $TRT_REFIT_CACHE and
  * `--no-cache`, the "cache" field of compile's JSON, a hit's outputs equal to an uncached build's, and
  * `cache ls | verify | gc | clear --json`, every document decoded with io-ts.
  */
-import { execFile } from 'node:child_process';
 import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -11,20 +10,12 @@ import * as E from 'fp-ts/lib/Either.js';
 import * as t from 'io-ts';
 import { PathReporter } from 'io-ts/lib/PathReporter.js';
 import { fixture, temporaryDirectory } from './e2e-support.js';
-import { repoRoot } from './support/safetensors.js';
+import { runCli, type CliResult } from './support/cli.js';
 
-interface Result {
-  readonly code: number;
-  readonly stdout: string;
-  readonly stderr: string;
-}
+type Result = CliResult;
 
-const cli = (env: Record<string, string | undefined>, ...args: string[]): Promise<Result> =>
-  new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli', 'entry.ts'), ...args], { cwd: repoRoot, env: { ...process.env, ...env }, timeout: 60_000 }, (error, stdout, stderr) => {
-      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
+/** The CLI in this process (test/support/cli.ts); `env` overrides environment variables for the call. */
+const cli = (env: Record<string, string | undefined>, ...args: string[]): Promise<Result> => runCli(args, env);
 
 const decode = <A>(codec: t.Type<A>, r: Result): A => {
   expect(r.stderr).toBe('');
@@ -52,7 +43,7 @@ const onnx = fixture('mlp', 'model_dynamo.onnx');
 const weights = fixture('mlp', 'weights_v1.safetensors');
 const inputs = fixture('mlp', 'inputs.safetensors');
 
-describe('trt-refit compile with the engine cache (child processes)', () => {
+describe('trt-refit compile with the engine cache (main() in process)', () => {
   it('--cache DIR misses then hits; $TRT_REFIT_CACHE sets the directory; --no-cache neither reads nor writes', async () => {
     using dir = temporaryDirectory();
     const cache = join(dir.path, 'cache');

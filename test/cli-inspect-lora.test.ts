@@ -1,7 +1,6 @@
-/** `trt-refit inspect` and `trt-refit lora apply | switch | remove`, end to end through child processes:
+/** `trt-refit inspect` and `trt-refit lora apply | switch | remove`, end to end through main() in this process:
  *  success paths against PyTorch's outputs, --json shapes decoded with io-ts, and bad input. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
@@ -12,19 +11,12 @@ import { InspectJsonCodec } from '../src/cli/inspect.js';
 import { readSafetensors } from './support/h5-safetensors.js';
 import { expectClose } from './support/h5-close.js';
 import { fixture, temporaryDirectory } from './e2e-support.js';
-import { repoRoot } from './support/safetensors.js';
+import { runCli, type CliResult } from './support/cli.js';
 
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-const cli = (...args: string[]): Promise<Result> =>
-  new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli', 'entry.ts'), ...args], { cwd: repoRoot, env: process.env, timeout: 60_000 }, (error, stdout, stderr) => {
-      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
+type Result = CliResult;
+
+/** The CLI in this process (test/support/cli.ts): exit code, stdout and stderr, with no child process. */
+const cli = (...args: string[]): Promise<Result> => runCli(args);
 
 const decode = <A>(codec: t.Type<A, unknown>, text: string): A => {
   const r = codec.decode(JSON.parse(text));
@@ -60,7 +52,7 @@ beforeAll(async () => {
 });
 afterAll(() => dir[Symbol.dispose]());
 
-describe('trt-refit inspect | lora (child processes)', () => {
+describe('trt-refit inspect | lora (main() in process)', () => {
   it('inspect: segments, weights, coverage; --json decodes', async () => {
     const [json, text, listed] = await Promise.all([cli('--json', 'inspect', model), cli('inspect', model), cli('inspect', model, '--weights')]);
     expect(json.code).toBe(0);

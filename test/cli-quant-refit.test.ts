@@ -1,11 +1,10 @@
 /**
- * `trt-refit plan | refit MODEL.trtr --weights QUANTIZED.safetensors` in child processes: the plan shows
+ * `trt-refit plan | refit MODEL.trtr --weights QUANTIZED.safetensors` (main() in this process): the plan shows
  * each weight's path (--json and text), the refit copies the quantized kernels into an int8 compiled model
  * (outputs equal an in-process refit from float weights_v2, bit for bit), and a format mismatch exits
  * non-zero naming the tensor, leaving the file as it was.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
@@ -16,20 +15,13 @@ import { readModelFile } from '../src/model/index.js';
 import { RefitPlanCodec } from '../src/plan/plan.js';
 import { readSafetensors } from './support/h5-safetensors.js';
 import { fixture, outputBytes, temporaryDirectory } from './e2e-support.js';
-import { repoRoot } from './support/safetensors.js';
 import { kernelSources, quantizedV2 } from './support/quantized.js';
+import { runCli, type CliResult } from './support/cli.js';
 
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-const cli = (...args: string[]): Promise<Result> =>
-  new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli', 'entry.ts'), ...args], { cwd: repoRoot, env: process.env, timeout: 60_000 }, (error, stdout, stderr) => {
-      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
+type Result = CliResult;
+
+/** The CLI in this process (test/support/cli.ts): exit code, stdout and stderr, with no child process. */
+const cli = (...args: string[]): Promise<Result> => runCli(args);
 
 const RefitJson = t.type({ command: t.literal('refit'), output: t.string, totals: t.type({ changed: t.number, errors: t.number }), report: t.type({ changed: t.number }) });
 
@@ -40,7 +32,7 @@ beforeAll(() => {
 });
 afterAll(() => dir[Symbol.dispose]());
 
-describe('trt-refit refit --weights QUANTIZED (child processes)', () => {
+describe('trt-refit refit --weights QUANTIZED (main() in process)', () => {
   it('plans and refits an int8 model from an int8 checkpoint; a mismatch names the tensor', async () => {
     const cache = join(dir.path, 'cache');
     const model = join(dir.path, 'int8.trtr');

@@ -1,11 +1,10 @@
 /**
- * `trt-refit compile --weight-format ...` in child processes: the format reaches every engine build (the
+ * `trt-refit compile --weight-format ...` (main() in this process): the format reaches every engine build (the
  * compiled file equals an in-process compile in that format, bit for bit), is recorded in the .trtr, is part
  * of the engine cache key (int8 after fp32 misses; int8 again hits and gives the same bytes), and clashes
  * with --precision only when the two disagree.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
 import * as t from 'io-ts';
@@ -13,19 +12,12 @@ import { compile } from '../src/compile/index.js';
 import { readModelFile } from '../src/model/index.js';
 import { readSafetensors } from './support/h5-safetensors.js';
 import { fixture, outputBytes, temporaryDirectory } from './e2e-support.js';
-import { repoRoot } from './support/safetensors.js';
+import { runCli, type CliResult } from './support/cli.js';
 
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-const cli = (...args: string[]): Promise<Result> =>
-  new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli', 'entry.ts'), ...args], { cwd: repoRoot, env: process.env, timeout: 60_000 }, (error, stdout, stderr) => {
-      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
+type Result = CliResult;
+
+/** The CLI in this process (test/support/cli.ts): exit code, stdout and stderr, with no child process. */
+const cli = (...args: string[]): Promise<Result> => runCli(args);
 
 const CompileJson = t.type({ command: t.literal('compile'), output: t.string, cache: t.string, cacheKey: t.string, weightFormat: t.string });
 const decodeCompile = (text: string) => {
@@ -41,7 +33,7 @@ beforeAll(() => {
 });
 afterAll(() => dir[Symbol.dispose]());
 
-describe('trt-refit compile --weight-format (child processes)', () => {
+describe('trt-refit compile --weight-format (main() in process)', () => {
   it('builds in the format, records it, keys the cache by it', async () => {
     const cache = join(dir.path, 'cache');
     const inputs = readSafetensors(mlp('inputs.safetensors'));

@@ -1,5 +1,4 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
@@ -8,19 +7,12 @@ import { RefitPlanCodec } from '../src/plan/plan.js';
 import { readSafetensors } from './support/h5-safetensors.js';
 import { expectClose } from './support/h5-close.js';
 import { fixture, temporaryDirectory } from './e2e-support.js';
-import { repoRoot } from './support/safetensors.js';
+import { runCli, type CliResult } from './support/cli.js';
 
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-const cli = (...args: string[]): Promise<Result> =>
-  new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli', 'entry.ts'), ...args], { cwd: repoRoot, env: process.env, timeout: 60_000 }, (error, stdout, stderr) => {
-      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
+type Result = CliResult;
+
+/** The CLI in this process (test/support/cli.ts): exit code, stdout and stderr, with no child process. */
+const cli = (...args: string[]): Promise<Result> => runCli(args);
 
 const decode = <A>(codec: t.Type<A>, text: string): A => {
   const r = codec.decode(JSON.parse(text));
@@ -47,7 +39,7 @@ beforeAll(() => {
 });
 afterAll(() => dir[Symbol.dispose]());
 
-describe('trt-refit compile | plan | refit | run (child processes)', () => {
+describe('trt-refit compile | plan | refit | run (main() in process)', () => {
   it('compiles, plans, refits with an adapter and back, and runs: outputs match PyTorch', async () => {
     const compiled = await cli('--json', 'compile', gpt2('model_dynamo.onnx'), '--weights', gpt2('weights_v1.safetensors'), '-o', model);
     expect(compiled.stderr).toBe('');
@@ -117,4 +109,21 @@ describe('trt-refit compile | plan | refit | run (child processes)', () => {
     // Nothing failed half-way into the model file.
     expect(readFileSync(model).equals(before)).toBe(true);
   }, 120_000);
+});
+
+describe('src/cli/entry.ts, the process the CLI runs as', () => {
+  it('exits with the code main returns and prints the one error line (one child process, awaited to its exit)', async () => {
+    const { execFile } = await import('node:child_process');
+    const { repoRoot } = await import('./support/safetensors.js');
+    const missing = join(dir.path, 'missing.trtr');
+    const r = await new Promise<Result>((resolve) => {
+      execFile(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli', 'entry.ts'), 'plan', missing, '--weights', gpt2('weights_v1.safetensors')], { cwd: repoRoot, env: process.env }, (error, stdout, stderr) => {
+        resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
+      });
+    });
+    const inProcess = await cli('plan', missing, '--weights', gpt2('weights_v1.safetensors'));
+    expect(r).toEqual(inProcess);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^trt-refit: .*missing\.trtr: cannot read the compiled model/);
+  });
 });

@@ -1,10 +1,9 @@
 /**
- * Weight streaming from the command line (child processes): `compile --weight-streaming` records that the
+ * Weight streaming from the command line (main() in this process): `compile --weight-streaming` records that the
  * engines stream, `run --weight-budget 0 | 50% | auto` gives outputs byte-identical to a run without a
  * budget (with the budget split over every engine segment, summing to the request), and a bad budget is
  * one line on stderr with exit code 2.
  */
-import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, afterAll, describe, expect, it } from 'vitest';
@@ -12,20 +11,12 @@ import * as E from 'fp-ts/lib/Either.js';
 import * as t from 'io-ts';
 import { readModelFile, readModelHeader } from '../src/model/index.js';
 import { fixture, temporaryDirectory } from './e2e-support.js';
-import { repoRoot } from './support/safetensors.js';
+import { runCli, type CliResult } from './support/cli.js';
 
-interface Result {
-  readonly code: number;
-  readonly stdout: string;
-  readonly stderr: string;
-}
+type Result = CliResult;
 
-const cli = (...args: string[]): Promise<Result> =>
-  new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli', 'entry.ts'), ...args], { cwd: repoRoot, env: process.env, timeout: 60_000 }, (error, stdout, stderr) => {
-      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
+/** The CLI in this process (test/support/cli.ts): exit code, stdout and stderr, with no child process. */
+const cli = (...args: string[]): Promise<Result> => runCli(args);
 
 const RunJson = t.intersection([
   t.type({ command: t.literal('run'), output: t.string }),
@@ -67,7 +58,7 @@ beforeAll(async () => {
 }, 120_000);
 afterAll(() => dir[Symbol.dispose]());
 
-describe('trt-refit compile --weight-streaming | run --weight-budget (child processes)', () => {
+describe('trt-refit compile --weight-streaming | run --weight-budget (main() in process)', () => {
   it('the compiled model records streaming and its engines stream', async () => {
     expect((await readModelHeader(streaming)).build.weightStreaming).toBe(true);
     expect((await readModelHeader(plain)).build.weightStreaming).toBeUndefined();

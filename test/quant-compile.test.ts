@@ -21,7 +21,7 @@ import type { Tensor } from '../src/trace/ir.js';
 import type { WeightFormat } from '../src/quant/format.js';
 import { readFileSync } from 'node:fs';
 import { readSafetensors } from './support/h5-safetensors.js';
-import { fixtureModels, traceForRefit } from './support/weightmap.js';
+import { fixtureModels, originalFixtures, traceForRefit } from './support/weightmap.js';
 import { compileModel, type EngineFactory } from '../src/partition/compiled.js';
 import { nativeEngine, type NativeEngineRunner } from '../src/partition/native.js';
 import { outputBytes, temporaryDirectory } from './e2e-support.js';
@@ -88,13 +88,13 @@ describe('compile --weight-format: options', () => {
     expect(E.isLeft(weightSettingsOf({ weightFormat: { kind: 'fp16' }, weightPrecision: 'bfloat16' }))).toBe(true);
     expect(weightSettingsOf({ weightFormat: { kind: 'bf16' }, weightPrecision: 'bfloat16' })).toEqual(E.right({ weightPrecision: 'bfloat16', weightFormat: { kind: 'bf16' }, convWeightFormat: 'same' }));
     expect(weightSettingsOf({ weightPrecision: 'float16' })).toEqual(E.right({ weightPrecision: 'float16', weightFormat: { kind: 'fp16' }, convWeightFormat: 'same' }));
-    const [f] = fixtureModels();
+    const [f] = fixtureModels(originalFixtures);
     const dir = join(f.path, '..');
     await expect(compile(f.path, join(dir, 'weights_v1.safetensors'), { weightFormat: { kind: 'fp32' }, weightPrecision: 'float16' })).rejects.toMatchObject({ _tag: 'ConflictingOptions' });
   });
 
   it('the weight format is part of the cache key; equal settings spelled two ways give one key', async () => {
-    const [f] = fixtureModels();
+    const [f] = fixtureModels(originalFixtures);
     using v1 = await openCheckpoint(join(f.path, '..', 'weights_v1.safetensors'));
     const plan = planCompile(f.path, new Uint8Array(readFileSync(f.path)), v1);
     if (E.isLeft(plan)) throw new CompileError(plan.left);
@@ -116,7 +116,7 @@ describe('compile --weight-format: options', () => {
 });
 
 describe('every fixture compiles in int8, fp8 and int4; a refit to v2 equals a fresh compile with v2', () => {
-  const cases = fixtureModels().flatMap((f) => FORMATS.map(([name, format, kernel]) => [`${f.model}/${f.file} ${name}`, f.path, name, format, kernel] as const));
+  const cases = fixtureModels(originalFixtures).flatMap((f) => FORMATS.map(([name, format, kernel]) => [`${f.model}/${f.file} ${name}`, f.path, name, format, kernel] as const));
   it.each(cases)('%s', async (_title, path, name, format, kernel) => {
     const dir = join(path, '..');
     const inputs = readSafetensors(join(dir, 'inputs.safetensors'));
@@ -161,7 +161,7 @@ describe('every fixture compiles in int8, fp8 and int4; a refit to v2 equals a f
 
 describe('nativeEngine (CompiledModel) takes the weight format too', () => {
   it('builds int4:32 kernels; outputs within the bound; a contradicting precision is refused', async () => {
-    const path = fixtureModels().find((f) => f.model === 'mlp')!.path;
+    const path = fixtureModels(originalFixtures).find((f) => f.model === 'mlp')!.path;
     const dir = join(path, '..');
     const runners: NativeEngineRunner[] = [];
     const inner = nativeEngine({ weightFormat: { kind: 'int4', groupSize: 32 } });

@@ -8,9 +8,9 @@ import { exprSources } from '../src/weightmap/expr.js';
 import { readF32 } from '../src/weightmap/store.js';
 import { readSafetensors } from './support/h5-safetensors.js';
 import { expectClose } from './support/h5-close.js';
-import { applyMap, builtValues, compileRefittable, fixtureModels, mapFor, traceForRefit } from './support/weightmap.js';
+import { applyMap, builtValues, compileRefittable, fixtureModels, originalFixtures, mapFor, traceForRefit } from './support/weightmap.js';
 
-const fixtures = fixtureModels();
+const fixtures = fixtureModels(originalFixtures);
 
 describe('weight map on the real exporter fixtures', () => {
   it.each(fixtures.map((f) => [`${f.model}/${f.file}`, f.path]))('%s: every refittable weight is mapped, and each expression reproduces the built value from weights_v1', async (_name, path) => {

@@ -545,6 +545,39 @@ typedef enum {
 TRTSHIM_API trtshim_status trtshim_mapping_advise(const trtshim_mapping *mapping, uint64_t offset, uint64_t length,
                                                   int32_t advice);
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Read-back verification                                                                          */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* (readback section) */
+
+/* Digests of the network-level values the engine's kernels hold, one per refittable weight, so a caller
+   can check a compile, a refit or a cache hit against the digests it expects before it reports success.
+   digests gets 2 * num_weights values (trtshim_engine_info), weight i at digests[2 * i], in the order of
+   trtshim_engine_weight. Each is trtshim_digest (dtype UINT8) of:
+     - a float weight: its values as float32, in the layout the network declared, as the kernels hold
+       them. A GEMM or convolution kernel is read back from its packed buffer: in a float16 or bfloat16
+       engine the rounded values widened to float32, in an int8, fp8 or int4 kernel the dequantized
+       values q * scale. Biases fused into a GEMM or convolution, norms and constants are held in float32
+       and read back as they are. A constant packed as a GEMM operand and also read as a tensor reports
+       its packed values, after checking that packing its float32 copy gives them.
+     - the members of a batch norm folded into a convolution (kernel, bias, scale, shift, mean, variance):
+       the kernels hold only the fold, so the fold is run again from the engine's float32 copies of the
+       members and compared with the packed kernel and bias the convolution reads; on a difference the call
+       fails with TRTSHIM_ERR_VALIDATION naming the layers, else each member reports its copy.
+     - an integer constant: its raw bytes.
+   Buffers are read where a run reads them (a streaming engine's resident arena once a run has filled it,
+   else host storage: its own copy or the mapped engine file). The engine is held for reading meanwhile,
+   so a refit apply is refused (TRTSHIM_ERR_STATE) until the call returns, and the call is refused while
+   one is applied. A weight that cannot be read back fails the call, naming it, and nothing is written to
+   digests: TRTSHIM_ERR_STATE for a stripped engine not yet filled by a refit, or for a batch norm fold
+   whose float32 copies the engine does not hold (an engine file saved without them);
+   TRTSHIM_ERR_UNSUPPORTED for a weight no kernel reads, or one quantized by two GEMMs in different
+   layouts. A non-refittable engine has no weights to report (success, nothing written). num_threads: 0
+   the engine's own thread count. */
+TRTSHIM_API trtshim_status trtshim_engine_weight_digests(const trtshim_engine *engine, uint64_t *digests,
+                                                         int32_t num_threads);
+
 #ifdef __cplusplus
 }
 #endif

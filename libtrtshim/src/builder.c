@@ -704,19 +704,21 @@ void unit_materialize_scratch(trtshim_engine *e, const unit *u, const float *con
         memcpy((float *)e->buffers[u->buffer].data + col, src[0], sizeof(float) * (size_t)m->n);
         return;
     }
-    case UNIT_FOLD: {
-        /* s = scale / sqrt(var + eps); W' = W * s; b' = (b - mean) * s + shift. Float32, this order. */
-        const step *s = &e->steps[u->step];
-        int64_t oc = s->members[0].n, per = s->K; /* kernel elements per output channel */
-        const float *b = src[1], *shift = src[3], *mean = src[4];
-        float *folded = scratch, *factor = scratch + oc * per;
-        float *bias = e->buffers[u->buffer2].data;
-        fold_kernel(e, u, src, scratch);
-        pack_conv(e, s, folded, e->buffers[u->buffer].data);
-        for (int64_t c = 0; c < oc; c++) bias[c] = ((b ? b[c] : 0.0f) - mean[c]) * factor[c] + shift[c];
+    case UNIT_FOLD:
+        unit_fold_into(e, u, src, scratch, e->buffers[u->buffer].data, e->buffers[u->buffer2].data);
         return;
     }
-    }
+}
+
+void unit_fold_into(trtshim_engine *e, const unit *u, const float *const *src, float *scratch, void *packed, float *bias) {
+    /* s = scale / sqrt(var + eps); W' = W * s; b' = (b - mean) * s + shift. Float32, this order. */
+    const step *s = &e->steps[u->step];
+    int64_t oc = s->members[0].n, per = s->K; /* kernel elements per output channel */
+    const float *b = src[1], *shift = src[3], *mean = src[4];
+    float *folded = scratch, *factor = scratch + oc * per;
+    fold_kernel(e, u, src, scratch);
+    pack_conv(e, s, folded, packed);
+    for (int64_t c = 0; c < oc; c++) bias[c] = ((b ? b[c] : 0.0f) - mean[c]) * factor[c] + shift[c];
 }
 
 /* ---- build ---------------------------------------------------------------------------------- */

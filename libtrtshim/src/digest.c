@@ -143,6 +143,20 @@ static uint64_t hash_chunk_only(const unsigned char *p, uint64_t n, uint64_t ind
     return chunk(p, n, index, out, 1, 0);
 }
 
+/* For readback.c: chunk `index` of a byte stream (n <= 1 MiB bytes) and the digest of a list of chunk
+   digests, so a caller producing the bytes chunk by chunk gets what trtshim_digest gives for the whole. */
+uint64_t digest_chunk_bytes(void) { return DIGEST_CHUNK; }
+void digest_chunk(const void *data, uint64_t n, uint64_t index, uint64_t out[2]) {
+    hash_chunk_only(n ? (const unsigned char *)data : (const unsigned char *)"", n, index, out);
+}
+void digest_combine(const uint64_t *chunk_digests, uint64_t chunks, uint64_t out[2]) {
+    if (chunks == 1) {
+        out[0] = chunk_digests[0], out[1] = chunk_digests[1];
+        return;
+    }
+    hash_chunk_only((const unsigned char *)chunk_digests, 16 * chunks, DIGEST_TOP_INDEX, out);
+}
+
 typedef struct {
     const unsigned char *data;
     uint64_t size;

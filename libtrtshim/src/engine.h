@@ -228,6 +228,9 @@ trtshim_status unit_check(trtshim_engine *e, const unit *u, const float *const *
 /* A pack unit of a quantized step from already-quantized values (INT4: one int8 value per byte, unpacked)
    and scales in gemm_quant_quantize's layouts for the weight's declared layout. Checked beforehand. */
 void unit_materialize_quantized(trtshim_engine *e, const unit *u, const void *q, const float *scales);
+/* The fold of a UNIT_FOLD unit written to `packed` (the packed buffer's bytes) and `bias` (out_channels
+   floats) instead of the engine's buffers: what unit_materialize_scratch writes there (readback.c). */
+void unit_fold_into(trtshim_engine *e, const unit *u, const float *const *src, float *scratch, void *packed, float *bias);
 /* Weight index by name and role, -1 if none. */
 int32_t engine_find_weight(const trtshim_engine *e, const char *name, trtshim_role role);
 
@@ -261,6 +264,15 @@ void stream_step_done(stream_run *r, int32_t step_index);
 void stream_run_end(stream_run *r, int ok);
 /* After a refit wrote engine buffer b (host storage): refresh its resident copy. */
 void stream_buffer_changed(trtshim_engine *e, int32_t buffer);
+
+/* Where execute reads engine buffer b from (the engine held for reading): the resident arena copy of a
+   streamable buffer once the arena is filled, else host storage. */
+const void *stream_buffer_source(trtshim_engine *e, int32_t b);
+
+/* digest.c: trtshim_digest's pieces, for a caller that produces the bytes chunk by chunk (readback.c). */
+uint64_t digest_chunk_bytes(void);
+void digest_chunk(const void *data, uint64_t n, uint64_t index, uint64_t out[2]);
+void digest_combine(const uint64_t *chunk_digests, uint64_t chunks, uint64_t out[2]);
 
 /* kernels.c */
 void weights_to_f32(trtshim_dtype dtype, const void *src, float *dst, int64_t count);

@@ -265,6 +265,17 @@ void stream_buffer_changed(trtshim_engine *e, int32_t b) {
     memcpy(s->arena + s->arena_offset[b], e->buffers[b].data, (size_t)e->buffers[b].bytes);
 }
 
+const void *stream_buffer_source(trtshim_engine *e, int32_t b) {
+    struct stream_state *s = e->stream;
+    if (b < 0 || b >= e->num_buffers) return NULL;
+    const void *p = e->buffers[b].data;
+    if (!s || !s->size[b]) return p;
+    pthread_mutex_lock(&s->lock); /* a run fills the arena under this lock */
+    if (s->resident[b] && s->arena) p = s->arena + s->arena_offset[b];
+    pthread_mutex_unlock(&s->lock);
+    return p;
+}
+
 /* ---- the ABI --------------------------------------------------------------------------------- */
 
 trtshim_status trtshim_engine_streamable_weights_size(const trtshim_engine *e, uint64_t *bytes) {

@@ -145,7 +145,8 @@ export const compileTE = (onnxPath: string, checkpointPath: string, options: Api
 };
 
 /** Compiles an ONNX file with the checkpoint it was exported with; rejects with TrtRefitError
- *  (`_tag` UnmappedWeights lists every weight without a checkpoint source). */
+ *  (`_tag` UnmappedWeights lists every weight without a checkpoint source; AmbiguousWeights names equal-valued
+ *  candidates that evidence could not tell apart: settle them with the `map` option). */
 export const compile = (onnxPath: string, checkpointPath: string, options: ApiCompileOptions = {}): Promise<Model> =>
   rejecting(compileTE(onnxPath, checkpointPath, options));
 

@@ -25,6 +25,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { crashPoint } from '../crash-point.js';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
@@ -387,10 +388,14 @@ export class CacheStore {
     try {
       await mkdir(join(staging, 'blobs'), { recursive: true });
       await mkdir(this.entriesDir, { recursive: true });
-      for (const b of blobs) await writeFileSynced(join(staging, 'blobs', b.name), b.data);
+      for (const b of blobs) {
+        await writeFileSynced(join(staging, 'blobs', b.name), b.data);
+        crashPoint('cache.put.blob');
+      }
       await syncDirectory(join(staging, 'blobs'));
       await writeFileSynced(join(staging, MANIFEST), new TextEncoder().encode(JSON.stringify(manifest)));
       await syncDirectory(staging);
+      crashPoint('cache.put.staged');
     } catch (e) {
       await rm(staging, { recursive: true, force: true }).catch(() => undefined);
       return E.left(io('write', staging)(e));
@@ -399,6 +404,7 @@ export class CacheStore {
     for (let attempt = 0; ; attempt++) {
       try {
         await rename(staging, this.entryDir(key.digest));
+        crashPoint('cache.put.renamed');
         await syncDirectory(this.entriesDir);
         break;
       } catch (e) {

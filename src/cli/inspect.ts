@@ -38,6 +38,10 @@ export const InspectJsonCodec = t.type({
     holds: t.keyof({ built: null, refitted: null, constant: null }),
   })),
   lora: t.union([t.null, t.type({ base: t.string, adapters: t.readonlyArray(t.type({ path: t.string, weight: t.number })), stale: t.boolean })]),
+  /** Choices among equal-valued checkpoint tensors and the evidence that settled them. */
+  settled: t.readonlyArray(t.type({ target: t.string, chosen: t.string, alternatives: t.readonlyArray(t.string), evidence: t.string })),
+  /** Checkpoint tensors no weight reads, and why: a refit that changes them is refused. */
+  pinned: t.readonlyArray(t.intersection([t.type({ name: t.string, kind: t.string, reason: t.string }), t.partial({ twin: t.string })])),
 });
 export type InspectJson = t.TypeOf<typeof InspectJsonCodec>;
 
@@ -68,6 +72,8 @@ export const describeModel = (path: string, fileBytes: number, header: ModelHead
     coverage: { mapped: cover.mapped, constant: cover.constant, unmapped: [...cover.unmapped], refitted: weights.filter((w) => w.holds === 'refitted').length },
     weights,
     lora,
+    settled: map.ties.map((x) => ({ target: x.target, chosen: x.chosen, alternatives: [...x.alternatives], evidence: x.evidence ?? 'unrecorded' })),
+    pinned: (map.pinned ?? []).map((p) => ({ name: p.name, kind: p.kind, reason: p.reason, ...(p.twin !== undefined ? { twin: p.twin } : {}) })),
   };
 };
 
@@ -85,6 +91,10 @@ export const formatInspect = (doc: InspectJson, listWeights: boolean): string =>
     ...doc.fallbackReasons.map((r) => `  fallback ${r.node}: ${r.reason}`),
     `weights: ${doc.coverage.mapped} mapped to the checkpoint, ${doc.coverage.constant} graph constants, ${doc.coverage.unmapped.length} unmapped; ${doc.coverage.refitted} refitted since the build`,
     ...doc.coverage.unmapped.map((id) => `  UNMAPPED ${id}`),
+    ...(doc.settled.length > 0 ? [`equal-valued candidates settled: ${doc.settled.length}`] : []),
+    ...doc.settled.map((x) => `  ${x.target} <- ${x.chosen} by ${x.evidence}${x.alternatives.length > 0 ? ` (not ${x.alternatives.join(', ')})` : ''}`),
+    ...(doc.pinned.length > 0 ? [`pinned checkpoint tensors (a refit that changes them is refused): ${doc.pinned.length}`] : []),
+    ...doc.pinned.map((p) => `  ${p.name} (${p.kind}): ${p.reason}`),
     doc.lora === null ? 'lora: none recorded' : `lora: ${doc.lora.adapters.length === 0 ? 'no adapters' : doc.lora.adapters.map((a) => `${a.path}:${a.weight}`).join(', ')} on ${doc.lora.base}${doc.lora.stale ? ' (STALE: the model was refitted since)' : ''}`,
   ];
   if (listWeights) for (const w of doc.weights) lines.push(`  ${w.id}  ${w.dtype}[${w.shape.join(',')}]  ${w.holds}${w.sources.length > 0 ? `  <- ${w.sources.join(', ')} (${w.methods.join(', ')})` : ''}`);

@@ -1,3 +1,5 @@
+import { readFile } from 'node:fs/promises';
+import * as t from 'io-ts';
 /**
  * `trt-refit compile | plan | refit | run`: the refit path over files (src/effect/files.ts). Each action
  * returns its exit code; errors are thrown and main.ts prints them as one line.
@@ -66,6 +68,46 @@ const cacheLine = (r: CompileReport): string => {
     : `engine cache miss ${key} (${r.missReason ?? 'absent'}): built in ${(t.buildMs ?? 0).toFixed(1)} ms, stored in ${(t.insertMs ?? 0).toFixed(1)} ms`;
 };
 
+/** Lines about equal-valued candidates settled by evidence and checkpoint tensors pinned, or ''. */
+const settledLine = (r: CompileReport): string => {
+  const map = r.model.weightMap;
+  const by = new Map<string, number>();
+  for (const t of map.ties) by.set(t.evidence ?? 'unrecorded', (by.get(t.evidence ?? 'unrecorded') ?? 0) + 1);
+  const pinned = map.pinned ?? [];
+  const kinds = new Map<string, number>();
+  for (const p of pinned) kinds.set(p.kind, (kinds.get(p.kind) ?? 0) + 1);
+  return (map.ties.length > 0 ? `${map.ties.length} choice(s) among equal-valued checkpoint tensors, settled by ${[...by].map(([k, n]) => `${k} (${n})`).join(', ')} (see inspect)\n` : '')
+    + (pinned.length > 0 ? `${pinned.length} checkpoint tensor(s) pinned (${[...kinds].map(([k, n]) => `${n} ${k}`).join(', ')}): a refit that changes them is refused (see inspect)\n` : '');
+};
+
+/** A --map file: a JSON object of engine weight ids or initializer names to checkpoint tensor names. */
+const MapFileCodec = t.record(t.string, t.string);
+const readMapFile = async (path: string): Promise<Record<string, string>> => {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (e) {
+    throw Object.assign(new Error(`--map ${path}: cannot read it: ${(e as Error).message}`), { _tag: 'BadUsage' });
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw Object.assign(new Error(`--map ${path}: not JSON: ${(e as Error).message}`), { _tag: 'BadUsage' });
+  }
+  const decoded = MapFileCodec.decode(json);
+  if (decoded._tag === 'Left') throw Object.assign(new Error(`--map ${path}: expected a JSON object of strings ({"<engine weight id or initializer>": "<checkpoint tensor>"})`), { _tag: 'BadUsage' });
+  return decoded.right;
+};
+
+/** One line about the weights whose checkpoint values differ from the ONNX file's, or '' for none. */
+const differsLine = (r: CompileReport): string => {
+  if (r.differs.length === 0) return '';
+  const largest = r.differs.reduce((a, b) => (Number.isNaN(b.maxAbsDiff) || b.maxAbsDiff > a.maxAbsDiff ? b : a));
+  const methods = [...new Set(r.differs.flatMap((d) => d.methods))].join(', ');
+  return `${r.differs.length} weight(s) differ from the ONNX file's values (matched by ${methods}; largest difference ${largest.maxAbsDiff.toPrecision(3)} in ${largest.id}): the engines hold the checkpoint's values\n`;
+};
+
 const safetensorsDtype: Readonly<Record<DType, Dtype>> = {
   float32: 'F32', float64: 'F64', float16: 'F16', bfloat16: 'BF16', int8: 'I8', uint8: 'U8', int16: 'I16', uint16: 'U16',
   int32: 'I32', uint32: 'U32', int64: 'I64', uint64: 'U64', bool: 'BOOL',
@@ -79,6 +121,7 @@ export const registerRefitCommands = (program: Command, ctx: CommandContext): vo
     .requiredOption('--weights <checkpoint>', 'the build checkpoint (.safetensors, sharded index, or directory)')
     .requiredOption('-o, --output <file>', 'the compiled model to write (MODEL.trtr)')
     .option('--allow-unmapped', 'build even when refittable weights have no checkpoint source')
+    .option('--map <file>', 'settle equal-valued weights: a JSON object {"<engine weight id or initializer>": "<checkpoint tensor>"}')
     // One story: --weight-format names the kernel format; its float values are the precisions --precision
     // names (fp32 = float32, ...), so the two must agree when both are given. With a quantized format,
     // --precision is the precision of the weights that stay float (norms, embeddings, biases).
@@ -90,11 +133,13 @@ export const registerRefitCommands = (program: Command, ctx: CommandContext): vo
   // the directory is trimmed to DEFAULT_COMPILE_CACHE_BYTES, least recently used first.
   addCacheOptions(compile);
   registerWeightStreamingOption(compile);
-  compile.action(async (model: string, options: { weights: string; output: string; allowUnmapped?: boolean; precision?: string; weightFormat?: WeightFormat; tacticSearch?: boolean; forceFallback?: string[]; cache?: string | boolean; weightStreaming?: boolean }) => {
+  compile.action(async (model: string, options: { weights: string; output: string; map?: string; allowUnmapped?: boolean; precision?: string; weightFormat?: WeightFormat; tacticSearch?: boolean; forceFallback?: string[]; cache?: string | boolean; weightStreaming?: boolean }) => {
       if (options.precision !== undefined && !['float32', 'float16', 'bfloat16'].includes(options.precision)) throw Object.assign(new Error(`--precision: expected float32, float16 or bfloat16; found '${options.precision}'`), { _tag: 'BadUsage' });
       const store = cacheStoreFor(resolveCacheSetting(options.cache), DEFAULT_COMPILE_CACHE_BYTES);
+      const mapFile = options.map !== undefined ? await readMapFile(options.map) : undefined;
       const report = await compileWithReport(model, options.weights, {
         allowUnmapped: options.allowUnmapped ?? false,
+        ...(mapFile !== undefined ? { map: mapFile } : {}),
         ...(options.precision !== undefined ? { weightPrecision: options.precision as 'float32' } : {}),
         ...(options.weightFormat !== undefined ? { weightFormat: options.weightFormat } : {}),
         tacticSearch: options.tacticSearch ?? false,
@@ -117,9 +162,11 @@ export const registerRefitCommands = (program: Command, ctx: CommandContext): vo
         cache: report.cache, ...(report.key !== undefined ? { cacheKey: report.key } : {}), ...(store !== undefined ? { cacheDir: store.root } : {}),
         ...(report.missReason !== undefined ? { missReason: report.missReason } : {}),
         weightFormat, weightStreaming: options.weightStreaming === true, timings: report.timings,
+        differs: report.differs, warnings: report.warnings,
+        settled: report.model.weightMap.ties, pinned: report.model.weightMap.pinned ?? [],
       },
         `compiled ${model} (weights ${weightFormat}): ${segments.engine} engine and ${segments.fallback} fallback segment(s); ${weights.mapped} weights mapped, ${weights.constant} graph constants` +
-        `${weights.unmapped > 0 ? `, ${weights.unmapped} UNMAPPED` : ''}\n${cacheLine(report)}\nwrote ${written.path} (${mib(written.bytes)})`);
+        `${weights.unmapped > 0 ? `, ${weights.unmapped} UNMAPPED` : ''}\n${settledLine(report)}${differsLine(report)}${report.warnings.map((w) => `warning: ${w}\n`).join('')}${cacheLine(report)}\nwrote ${written.path} (${mib(written.bytes)})`);
     });
 
   program

@@ -5,9 +5,10 @@
  * them, and the weight map.
  *
  *   miss: build each engine as compile always does, keep its stripped engine file, insert the entry
- *   hit:  load each stripped engine and refit it with the plan's network weights (the values the current
- *         ONNX file and checkpoint give every weight through the weight map), so a hit holds exactly what a
- *         fresh build would, bit for bit
+ *   hit:  load each stripped engine and refit it with the plan's network weights, every one of them: the
+ *         build checkpoint's values through the weight map (compile.ts withCheckpointValues substitutes
+ *         them before the key is taken; graph constants keep the graph's values), so a hit holds exactly
+ *         what a fresh build with the same checkpoint would, bit for bit
  *
  * A hit is served only when the cached engine's layer and tensor names are the current network's: the
  * compiled model addresses engine weights and I/O by those names (its weight map, its refits, its runs).

@@ -4,8 +4,11 @@
  *
  *   read ONNX + checkpoint -> prepareForRefit (restore dropped zero biases; untie shared initializers)
  *   -> analyze -> partition -> weight map against the build checkpoint (unmapped refittable weights are an
- *   error unless allowed) -> lower and build each engine segment natively, encode and open each fallback
- *   segment -> record the source digests every target holds.
+ *   error unless allowed) -> every mapped weight set to its expression over the build checkpoint
+ *   (withCheckpointValues: engines and fallbacks hold the checkpoint's values, not the ONNX file's, and the
+ *   report lists where the two differ) -> lower and build each engine segment natively (or load and refit
+ *   it from the cache), encode and open each fallback segment -> record the source digests every target
+ *   holds.
  *
  * The pure part (`planCompile`) ends at the lowered segments and the map; `compileTE` adds the files and
  * the native library. Engines are built with an EngineBuilder capability (tests substitute it).
@@ -26,10 +29,21 @@ import { partitionGraph, type PartitionOptions, type Segment } from '../partitio
 import { lowerContext, lowerSegment, type LoweredSegment } from '../network/lower.js';
 import { encodeSegmentModel } from '../fallback/model.js';
 import { prepareForRefit } from '../weightmap/prepare.js';
-import { nodeScopes } from '../weightmap/scopes.js';
-import { buildWeightMap, describeWeightMapError, type WeightMap, type WeightMapErrorDetail } from '../weightmap/map.js';
+import { legacyScope, nodeScopes } from '../weightmap/scopes.js';
+import { buildWeightMap, describeWeightMapError, type AmbiguousWeight, type WeightMap, type WeightMapErrorDetail } from '../weightmap/map.js';
 import type { TensorStore } from '../weightmap/store.js';
-import type { NetworkDefinition } from '../network/types.js';
+import { networkWeights, type Layer, type NetworkDefinition, type WeightRole, type Weights } from '../network/types.js';
+import { elementCount, type DType, type Tensor, type TensorData } from '../trace/ir.js';
+import { evaluateExpr, type F32Tensor, type SourceLookup } from '../weightmap/evaluate.js';
+import { exprSources, type Expr } from '../weightmap/expr.js';
+import type { MatchMethod } from '../weightmap/match.js';
+import { valueDigest } from '../weightmap/digest.js';
+import { fromFloat32, toFloat32 } from '../safetensors/convert.js';
+import type { Dtype as StDtype } from '../safetensors/dtypes.js';
+import { quantizedIn, tensorSourceOf } from '../quant/store.js';
+import { dequantizedSource } from '../quant/mapped.js';
+import { describeQuantIssue } from '../quant/errors.js';
+import { defaultTransform } from '../effect/capabilities.js';
 import { FallbackRunner, openOrtSession, type SessionOpener } from '../model/fallback.js';
 import { RefitModel, type Stage } from '../model/model.js';
 import type { BuildInfo, PartitionReport, TensorDesc } from '../model/format.js';
@@ -44,6 +58,9 @@ export type WeightPrecision = 'float32' | 'float16' | 'bfloat16';
 export interface CompileOptions extends PartitionOptions {
   /** Build even when refittable weights have no checkpoint source (they keep their built values). */
   readonly allowUnmapped?: boolean;
+  /** Settles equal-valued weights that names and scopes cannot (`--map FILE`): engine weight id or
+   *  initializer name -> checkpoint tensor (see WeightMapOptions.map). */
+  readonly map?: Readonly<Record<string, string>>;
   /** Precision of float weights: every weight when no quantized weightFormat is given, else the weights
    *  that stay float (norms, embeddings, biases). Default float32. */
   readonly weightPrecision?: WeightPrecision;
@@ -68,7 +85,9 @@ export type CompileErrorDetail =
   | { readonly _tag: 'TraceFailed'; readonly path: string; readonly detail: string }
   | { readonly _tag: 'PartitionFailed'; readonly detail: string }
   | { readonly _tag: 'LowerFailed'; readonly segment: number; readonly detail: string }
-  | { readonly _tag: 'UnmappedWeights'; readonly weights: readonly { readonly id: string; readonly reason: string }[] }
+  | { readonly _tag: 'UnmappedWeights'; readonly weights: readonly { readonly id: string; readonly reason: string }[]; readonly unaccounted?: readonly string[] }
+  | { readonly _tag: 'AmbiguousWeights'; readonly weights: readonly AmbiguousWeight[] }
+  | { readonly _tag: 'MapFileMismatch'; readonly entry: string; readonly reason: string }
   | { readonly _tag: 'WeightMapFailed'; readonly detail: string }
   | { readonly _tag: 'ConstantOutput'; readonly output: string }
   | { readonly _tag: 'BuildFailed'; readonly segment: number; readonly detail: string }
@@ -82,7 +101,9 @@ export const describeCompileError = (e: CompileErrorDetail): string => {
     case 'TraceFailed': return `${e.path}: ${e.detail}`;
     case 'PartitionFailed': return `partition: ${e.detail}`;
     case 'LowerFailed': return `engine segment ${e.segment} cannot be lowered: ${e.detail}`;
-    case 'UnmappedWeights': return `${describeWeightMapError({ _tag: 'UnmappedWeights', weights: e.weights })} (pass allowUnmapped / --allow-unmapped to build anyway)`;
+    case 'UnmappedWeights': return `${describeWeightMapError(e)} (pass allowUnmapped / --allow-unmapped to build anyway)`;
+    case 'AmbiguousWeights': return describeWeightMapError(e);
+    case 'MapFileMismatch': return describeWeightMapError(e);
     case 'WeightMapFailed': return `weight map: ${e.detail}`;
     case 'ConstantOutput': return `model output '${e.output}' is a constant of the graph; a compiled model needs every output computed`;
     case 'BuildFailed': return `engine segment ${e.segment}: the engine build failed: ${e.detail}`;
@@ -103,27 +124,37 @@ export class CompileError extends Error {
 /** What the pure part of the compile step produces. */
 export interface CompilePlan {
   readonly analyzed: AnalyzedGraph;
-  readonly segments: readonly { readonly segment: Segment; readonly lowered?: LoweredSegment }[];
+  /** Live segments in run order: engine segments lowered, fallback segments with the initializers their
+   *  models are written with (absent: the graph's). */
+  readonly segments: readonly { readonly segment: Segment; readonly lowered?: LoweredSegment; readonly initializers?: ReadonlyMap<string, Tensor> }[];
   readonly weightMap: WeightMap;
   readonly partition: PartitionReport;
   readonly tensors: readonly TensorDesc[];
+  /** Set by withCheckpointValues: the source digests each mapped target holds ('' for none; absent: the
+   *  weight map's build digests). */
+  readonly current?: Readonly<Record<string, string>>;
+  /** Set by withCheckpointValues: mapped weights whose checkpoint value is not the ONNX file's. */
+  readonly differs?: readonly WeightDifference[];
+  /** Set by withCheckpointValues: what could not be taken from the build checkpoint. */
+  readonly warnings?: readonly string[];
 }
 
 const weightMapFailure = (e: WeightMapErrorDetail): CompileErrorDetail =>
-  e._tag === 'UnmappedWeights' ? e : { _tag: 'LowerFailed', segment: e.segment, detail: e.reason };
+  e._tag === 'LowerFailed' ? { _tag: 'LowerFailed', segment: e.segment, detail: e.reason } : e;
 
 /** Trace (prepared for refit), partition, lower and map: pure, ONNX bytes and checkpoint in. */
 export const planCompile = (path: string, onnx: Uint8Array, checkpoint: TensorStore, options: CompileOptions = {}): E.Either<CompileErrorDetail, CompilePlan> => {
   const decoded = decodeOnnx(onnx, directoryResolver(dirname(path)));
   if (E.isLeft(decoded)) return E.left({ _tag: 'TraceFailed', path, detail: describeTraceError(decoded.left) });
-  const analyzedOr = analyzeGraph(prepareForRefit(decoded.right, checkpoint));
+  const scopes = nodeScopes(onnx);
+  const analyzedOr = analyzeGraph(prepareForRefit(decoded.right, checkpoint, (node) => scopes.get(node) ?? legacyScope(node)));
   if (E.isLeft(analyzedOr)) return E.left({ _tag: 'TraceFailed', path, detail: describeTraceError(analyzedOr.left) });
   const analyzed = analyzedOr.right;
   const ctx = lowerContext(analyzed);
   const parted = partitionGraph(analyzed, options, ctx);
   if (E.isLeft(parted)) return E.left({ _tag: 'PartitionFailed', detail: `${parted.left.option}: ${parted.left.reason}` });
   for (const output of analyzed.graph.outputs) if (analyzed.constants.has(output)) return E.left({ _tag: 'ConstantOutput', output });
-  const map = buildWeightMap({ analyzed, segments: parted.right.segments, checkpoint, scopes: nodeScopes(onnx) }, { allowUnmapped: options.allowUnmapped ?? false });
+  const map = buildWeightMap({ analyzed, segments: parted.right.segments, checkpoint, scopes }, { allowUnmapped: options.allowUnmapped ?? false, ...(options.map !== undefined ? { map: options.map } : {}) });
   if (E.isLeft(map)) return E.left(weightMapFailure(map.left));
   const live = parted.right.segments.filter((s) => s.outputs.length > 0); // dead segments never run
   const segments: { segment: Segment; lowered?: LoweredSegment }[] = [];
@@ -149,6 +180,220 @@ export const planCompile = (path: string, onnx: Uint8Array, checkpoint: TensorSt
   return E.right({ analyzed, segments, weightMap: map.right, partition, tensors });
 };
 
+// ---- the build checkpoint's values --------------------------------------------------------------
+
+/** Evaluates a weight-map expression over checkpoint tensors (the effect's evaluator by default, so a
+ *  compile holds bit for bit what a refit to the same checkpoint would put in). */
+export type ExprEvaluator = (expr: Expr, lookup: SourceLookup) => E.Either<unknown, F32Tensor>;
+
+/** A mapped weight whose value from the build checkpoint is not the value the ONNX file holds (a
+ *  name-only match, a BatchNorm fold recomputed, a file exported from other weights). The engines hold
+ *  the checkpoint's value. */
+export interface WeightDifference {
+  readonly id: string;
+  /** How the checkpoint part was found (name-only, bn-fold, ...). */
+  readonly methods: readonly MatchMethod[];
+  /** Checkpoint tensors the expression reads. */
+  readonly sources: readonly string[];
+  /** Elements that differ, of `elements`. */
+  readonly differing: number;
+  readonly elements: number;
+  /** Largest absolute difference (NaN where a value is NaN on one side only). */
+  readonly maxAbsDiff: number;
+}
+
+/** The 16- and 64-bit float dtypes a value can be written back as. */
+const safetensorsFloat: Readonly<Record<string, StDtype>> = { float32: 'F32', float16: 'F16', bfloat16: 'BF16', float64: 'F64' };
+
+/** `values` in a tensor's own dtype (float32, float64, float16 and bfloat16 bit patterns), or undefined. */
+const inDtype = (dtype: string, values: Float32Array): Float32Array | Float64Array | Uint16Array | undefined => {
+  if (dtype === 'float32') return values;
+  if (dtype === 'float64') return Float64Array.from(values);
+  if (dtype === 'float16' || dtype === 'bfloat16') {
+    const bytes = fromFloat32(values, dtype === 'float16' ? 'F16' : 'BF16');
+    return new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2);
+  }
+  return undefined;
+};
+
+const viewBytes = (d: ArrayBufferView): Uint8Array => new Uint8Array(d.buffer, d.byteOffset, d.byteLength);
+
+const sameBytes = (a: ArrayBufferView, b: ArrayBufferView): boolean => Buffer.from(viewBytes(a)).equals(Buffer.from(viewBytes(b)));
+
+/** How `next` (as float32) differs from `previous` in dtype `dtype`. */
+const differenceOf = (dtype: string, previous: ArrayBufferView, next: Float32Array): { differing: number; maxAbsDiff: number } => {
+  const st = safetensorsFloat[dtype];
+  const old = st === 'F32' ? new Float32Array(previous.buffer, previous.byteOffset, previous.byteLength / 4) : toFloat32(st!, viewBytes(previous));
+  let differing = 0;
+  let maxAbsDiff = 0;
+  for (let i = 0; i < next.length; i++) {
+    const a = old[i];
+    const b = next[i];
+    if (a === b || (Number.isNaN(a) && Number.isNaN(b))) continue;
+    differing++;
+    const d = Math.abs(a - b);
+    maxAbsDiff = Number.isNaN(d) || Number.isNaN(maxAbsDiff) ? NaN : Math.max(maxAbsDiff, d);
+  }
+  return { differing, maxAbsDiff };
+};
+
+const roleField: Readonly<Record<WeightRole, string>> = { kernel: 'kernel', bias: 'bias', scale: 'scale', shift: 'shift', mean: 'mean', variance: 'variance', constant: 'weights' };
+
+/** A network whose weights `values` (by `layer\0role`) replace; every other weight stays. */
+const withWeights = (network: NetworkDefinition, values: ReadonlyMap<string, Weights>): NetworkDefinition => ({
+  ...network,
+  layers: network.layers.map((layer): Layer => {
+    let out: Record<string, unknown> | undefined;
+    for (const [role, field] of Object.entries(roleField)) {
+      const value = values.get(`${layer.name}\u0000${role}`);
+      if (value === undefined || (layer as unknown as Record<string, unknown>)[field] === undefined) continue;
+      out ??= { ...layer };
+      out[field] = value;
+    }
+    return (out ?? layer) as unknown as Layer;
+  }),
+});
+
+/** The build checkpoint as the effect reads it: float32 views of aligned F32 tensors, other dtypes
+ *  converted, quantized weights (`<m>.weight` + `<m>.weight_scale`) dequantized into the layout the
+ *  weight map recorded. `problems` collects why a tensor could not be read. */
+const checkpointLookup = (checkpoint: TensorStore, weightMap: WeightMap): { lookup: (name: string, problems: string[], buffers: Set<ArrayBufferLike>) => F32Tensor | undefined; quantizedIssue?: string } => {
+  const found = quantizedIn(checkpoint);
+  const quantized = E.isRight(found) ? found.right : new Map();
+  const recorded = new Map(weightMap.sources.map((s) => [s.name, s.shape] as const));
+  const source = tensorSourceOf(checkpoint);
+  return {
+    ...(E.isLeft(found) ? { quantizedIssue: describeQuantIssue(found.left) } : {}),
+    lookup: (name, problems, buffers) => {
+      const entry = quantized.get(name);
+      if (entry !== undefined) {
+        const d = dequantizedSource(source, entry, recorded.get(name) ?? entry.valuesShape);
+        if (E.isLeft(d)) {
+          problems.push(`quantized tensor '${name}': ${describeQuantIssue(d.left)}`);
+          return undefined;
+        }
+        return d.right;
+      }
+      const info = checkpoint.tensors.get(name);
+      if (info === undefined) return undefined;
+      try {
+        if (info.dtype === 'F32') {
+          const bytes = checkpoint.bytes(name);
+          if (bytes.byteOffset % 4 === 0) {
+            buffers.add(bytes.buffer);
+            return { shape: info.shape, data: new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4) };
+          }
+        }
+        const data = checkpoint.toFloat32(name);
+        buffers.add(data.buffer);
+        return { shape: info.shape, data };
+      } catch (e) {
+        problems.push(`reading '${name}': ${(e as Error).message}`);
+        return undefined;
+      }
+    },
+  };
+};
+
+/**
+ * The plan with every mapped engine weight and every mapped fallback constant set to its weight-map
+ * expression evaluated over `checkpoint` (graph constants, status 'constant', and unmapped weights keep
+ * the graph's values), so a miss builds with the checkpoint's values and a hit refits with them. Lists the
+ * weights whose checkpoint value differs from the ONNX file's. Pure when `evaluate` is (the default,
+ * evaluateExpr, is; compileTE passes the effect's evaluator).
+ *
+ * A target that cannot be evaluated is an error (WeightMapFailed), except over a quantized build
+ * checkpoint, where it keeps the graph's value with a warning and is recorded as holding no checkpoint
+ * value (a later refit moves it).
+ */
+export const withCheckpointValues = (plan: CompilePlan, checkpoint: TensorStore, evaluate: ExprEvaluator = evaluateExpr): E.Either<CompileErrorDetail, CompilePlan> => {
+  const reader = checkpointLookup(checkpoint, plan.weightMap);
+  const quantizedCheckpoint = [...checkpoint.tensors.keys()].some((n) => n.endsWith('.weight_scale'));
+  const warnings: string[] = reader.quantizedIssue !== undefined ? [`the build checkpoint's quantized tensors: ${reader.quantizedIssue}`] : [];
+  const differs: WeightDifference[] = [];
+  const notHeld = new Set<string>();
+  const engineValues = new Map<number, Map<string, Weights>>();
+  const fallbackValues = new Map<number, Map<string, Tensor>>();
+  const valueDigests = new Map<string, string>();
+  // Each engine segment's network weights by `layer\0role`.
+  const built = new Map(plan.segments.flatMap((s) => (s.lowered === undefined ? [] : [[s.segment.index, new Map(networkWeights(s.lowered.network).map((w) => [`${w.layer}\u0000${w.role}`, w.weights]))] as const])));
+  const fail = (id: string, detail: string): E.Either<CompileErrorDetail, never> | undefined => {
+    if (!quantizedCheckpoint) return E.left({ _tag: 'WeightMapFailed', detail: `${id}: its value over the build checkpoint cannot be computed: ${detail}` });
+    warnings.push(`${id}: keeps the ONNX file's value (its value over the quantized build checkpoint cannot be computed: ${detail}); a refit sets it`);
+    notHeld.add(id);
+    return undefined;
+  };
+  for (const t of plan.weightMap.targets) {
+    if (t.status !== 'mapped') continue;
+    // The graph's value the target would otherwise hold.
+    const previous: { readonly dtype: string; readonly data: ArrayBufferView } | undefined = t.kind === 'engine'
+      ? built.get(t.segment)?.get(`${t.layer}\u0000${t.role}`)
+      : t.tensor === undefined ? undefined : plan.analyzed.constants.get(t.tensor)?.tensor;
+    if (previous === undefined) {
+      const r = fail(t.id, 'the compile plan has no such weight');
+      if (r) return r;
+      continue;
+    }
+    const problems: string[] = [];
+    const buffers = new Set<ArrayBufferLike>();
+    let value: E.Either<unknown, F32Tensor>;
+    try {
+      value = evaluate(t.expr, (name) => reader.lookup(name, problems, buffers));
+    } catch (e) {
+      value = E.left((e as Error).message);
+    }
+    if (E.isLeft(value) || value.right.data.length !== elementCount(t.shape)) {
+      const detail = E.isLeft(value) ? `${typeof value.left === 'string' ? value.left : JSON.stringify(value.left)}${problems.length > 0 ? ` (${problems.join('; ')})` : ''}` : `${value.right.data.length} values for [${t.shape}]`;
+      const r = fail(t.id, detail);
+      if (r) return r;
+      continue;
+    }
+    // A view of the checkpoint's memory is copied: the checkpoint is closed after the compile.
+    const computed = value.right.data;
+    const f32 = buffers.has(computed.buffer) ? computed.slice() : computed;
+    const data = inDtype(previous.dtype, f32);
+    if (data === undefined) {
+      const r = fail(t.id, `the graph holds it as ${previous.dtype}`);
+      if (r) return r;
+      continue;
+    }
+    if (!sameBytes(previous.data, data)) {
+      const { differing, maxAbsDiff } = differenceOf(previous.dtype, previous.data, f32);
+      differs.push({ id: t.id, methods: t.methods, sources: exprSources(t.expr), differing, elements: f32.length, maxAbsDiff });
+    }
+    valueDigests.set(t.id, valueDigest(data));
+    if (t.kind === 'engine') {
+      let m = engineValues.get(t.segment);
+      if (m === undefined) engineValues.set(t.segment, (m = new Map()));
+      m.set(`${t.layer}\u0000${t.role}`, { dtype: previous.dtype as Weights['dtype'], shape: [...t.shape], data: data as Weights['data'] });
+    } else {
+      let m = fallbackValues.get(t.segment);
+      if (m === undefined) fallbackValues.set(t.segment, (m = new Map()));
+      m.set(t.tensor!, { dtype: previous.dtype as DType, shape: [...t.shape], data: data as TensorData });
+    }
+  }
+  const segments = plan.segments.map((s) => {
+    if (s.lowered !== undefined) {
+      const values = engineValues.get(s.segment.index);
+      return values === undefined ? s : { ...s, lowered: { ...s.lowered, network: withWeights(s.lowered.network, values) } };
+    }
+    const values = fallbackValues.get(s.segment.index);
+    if (values === undefined) return s;
+    const base = s.initializers ?? new Map(s.segment.constants.map((c) => [c, plan.analyzed.constants.get(c)!.tensor]));
+    return { ...s, initializers: new Map([...base].map(([name, t]) => [name, values.get(name) ?? t])) };
+  });
+  const weightMap: WeightMap = {
+    ...plan.weightMap,
+    targets: plan.weightMap.targets.map((t) => {
+      const vd = valueDigests.get(t.id);
+      return vd === undefined || vd === t.built.valueDigest ? t : { ...t, built: { ...t.built, valueDigest: vd } };
+    }),
+  };
+  const current: Record<string, string> = {};
+  for (const t of weightMap.targets) if (t.status === 'mapped') current[t.id] = notHeld.has(t.id) ? '' : t.built.sourceDigest;
+  return E.right({ ...plan, segments, weightMap, current, differs, warnings });
+};
+
 /** Builds one engine segment's network (the native library by default). */
 export type EngineBuilder = (network: NetworkDefinition, segment: number, options: BuildOptions) => Engine;
 export const nativeBuilder: EngineBuilder = (network, _segment, options) => buildEngine(network, options);
@@ -156,6 +401,8 @@ export const nativeBuilder: EngineBuilder = (network, _segment, options) => buil
 export interface CompileCapabilities {
   readonly buildEngine?: EngineBuilder;
   readonly openSession?: SessionOpener;
+  /** Evaluates the weight map over the build checkpoint (default: the effect's evaluator). */
+  readonly transform?: ExprEvaluator;
 }
 
 const floatFormatOf: Readonly<Record<WeightPrecision, WeightFormat>> = { float32: { kind: 'fp32' }, float16: { kind: 'fp16' }, bfloat16: { kind: 'bf16' } };
@@ -219,7 +466,8 @@ export const buildInfoOf = (options: CompileOptions, source: string): BuildInfo 
   };
 };
 
-/** Builds the engines and opens the fallbacks of a compile plan. */
+/** Builds the engines and opens the fallbacks of a compile plan, with the weight values the plan holds:
+ *  the build checkpoint's after withCheckpointValues (as compileTE does), the ONNX file's before it. */
 export const realize = async (plan: CompilePlan, options: CompileOptions = {}, caps: CompileCapabilities = {}, source = ''): Promise<E.Either<CompileErrorDetail, RefitModel>> => {
   const settings = weightSettingsOf(options);
   if (E.isLeft(settings)) return settings;
@@ -239,7 +487,7 @@ export const realize = async (plan: CompilePlan, options: CompileOptions = {}, c
       } else s.runner[Symbol.dispose]();
     }
   };
-  for (const { segment, lowered } of plan.segments) {
+  for (const { segment, lowered, initializers: given } of plan.segments) {
     const base = { index: segment.index, inputs: [...segment.inputs], outputs: [...segment.outputs] };
     try {
       if (lowered !== undefined) {
@@ -253,7 +501,7 @@ export const realize = async (plan: CompilePlan, options: CompileOptions = {}, c
         }
         stages.push({ kind: 'engine', record: { kind: 'engine', ...base, layers: lowered.network.layers.length, weights: lowered.weights.length }, engine, context, origin: undefined });
       } else {
-        const initializers = new Map(segment.constants.map((c) => [c, analyzed.constants.get(c)!.tensor]));
+        const initializers = given ?? new Map(segment.constants.map((c) => [c, analyzed.constants.get(c)!.tensor]));
         const bytes = encodeSegmentModel({
           name: `segment${segment.index}`, opset: analyzed.graph.opset, nodes: segment.nodes,
           inputs: segment.inputs.map((name) => ({ name, type: analyzed.types.get(name)! })),
@@ -269,8 +517,8 @@ export const realize = async (plan: CompilePlan, options: CompileOptions = {}, c
       return E.left({ _tag: 'BuildFailed', segment: segment.index, detail: (e as Error).message });
     }
   }
-  const current: Record<string, string> = {};
-  for (const t of plan.weightMap.targets) if (t.status === 'mapped') current[t.id] = t.built.sourceDigest;
+  const current: Record<string, string> = { ...plan.current };
+  if (plan.current === undefined) for (const t of plan.weightMap.targets) if (t.status === 'mapped') current[t.id] = t.built.sourceDigest;
   const description = {
     inputs: analyzed.graph.inputs.map((i) => desc(i.name)),
     outputs: [...analyzed.graph.outputs],
@@ -292,7 +540,8 @@ const openBuildCheckpoint = (path: string): TE.TaskEither<CompileErrorDetail, Ch
 export interface CompileTimings {
   /** Reading the ONNX file and opening the checkpoint. */
   readonly readMs: number;
-  /** Trace, partition, weight map and lowering (planCompile). */
+  /** Trace, partition, weight map and lowering (planCompile), and the build checkpoint's values
+   *  (withCheckpointValues). */
   readonly planMs: number;
   /** The cache key (0 without a cache). */
   readonly hashMs: number;
@@ -317,13 +566,20 @@ export interface CompileReport {
   /** Why a miss missed: absent, damaged, mismatch, or unloadable (the entry's engines could not serve). */
   readonly missReason?: string;
   readonly detail?: string;
+  /** Mapped weights whose value from the build checkpoint differs from the value the ONNX file holds (a
+   *  name-only match, a BatchNorm fold recomputed, a file exported from other weights). The engines and
+   *  fallbacks hold the checkpoint's values, hit or miss. */
+  readonly differs: readonly WeightDifference[];
+  /** What could not be taken from the build checkpoint (a quantized build checkpoint only): those weights
+   *  keep the ONNX file's values and are recorded as holding none, so a refit sets them. */
+  readonly warnings: readonly string[];
   readonly timings: CompileTimings;
 }
 
 const since = (start: bigint): number => Number(process.hrtime.bigint() - start) / 1e6;
 
 /** Realizes a plan through the cache: load and refit on a hit, build and insert on a miss. */
-const realizeCached = async (plan: CompilePlan, store: CacheStore | undefined, options: CompileOptions, caps: CompileCapabilities, source: string): Promise<E.Either<CompileErrorDetail, Omit<CompileReport, 'timings'> & { timings: Omit<CompileTimings, 'readMs' | 'planMs'> }>> => {
+const realizeCached = async (plan: CompilePlan, store: CacheStore | undefined, options: CompileOptions, caps: CompileCapabilities, source: string): Promise<E.Either<CompileErrorDetail, Omit<CompileReport, 'timings' | 'differs' | 'warnings'> & { timings: Omit<CompileTimings, 'readMs' | 'planMs'> }>> => {
   const buildOptions = engineBuildOptions(options);
   const positions = segmentPositions(plan);
   let key: CacheKey | undefined;
@@ -384,11 +640,15 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
   const { onnx, checkpoint } = read.right;
   try {
     const t0 = process.hrtime.bigint();
-    const plan = planCompile(onnxPath, onnx, checkpoint, options);
+    const planned = planCompile(onnxPath, onnx, checkpoint, options);
+    if (E.isLeft(planned)) return planned;
+    // The engines (built on a miss, refitted on a hit) and fallbacks hold the build checkpoint's values.
+    const plan = withCheckpointValues(planned.right, checkpoint, caps.transform ?? defaultTransform());
     if (E.isLeft(plan)) return plan;
     const planMs = since(t0);
     const realized = await realizeCached(plan.right, cacheStoreOf(options.cache), options, caps, onnxPath);
-    return E.isLeft(realized) ? realized : E.right({ ...realized.right, timings: { readMs, planMs, ...realized.right.timings, totalMs: since(start) } });
+    if (E.isLeft(realized)) return realized;
+    return E.right({ ...realized.right, differs: plan.right.differs ?? [], warnings: plan.right.warnings ?? [], timings: { readMs, planMs, ...realized.right.timings, totalMs: since(start) } });
   } finally {
     checkpoint.close();
   }

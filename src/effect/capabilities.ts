@@ -6,7 +6,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
-import { Engine, type QuantizedWeights } from '../../ffi/engine.js';
+import { Engine, type QuantizedWeights, type WeightKernelFormat } from '../../ffi/engine.js';
 import { native } from '../../ffi/library.js';
 import { evaluateExprNative, mergeLoraNative } from '../../ffi/transform.js';
 import { mergeAdapters, type LoraErrorDetail, type WeightedAdapter } from '../lora/lora.js';
@@ -17,6 +17,7 @@ import { evaluateExpr, type EvalError, type F32Tensor, type SourceLookup } from 
 import { openOrtSession, type SessionOpener } from '../model/fallback.js';
 import { readBlob } from '../model/file.js';
 import type { EngineOrigin } from '../model/model.js';
+import { heldValueDigest } from '../verify/expected.js';
 
 /** The refitter calls the effect uses (ffi's Refitter has them). */
 export interface RefitterLike extends Disposable {
@@ -53,6 +54,67 @@ export interface SnapshotStore {
   fromOrigin(origin: EngineOrigin): Snapshot;
 }
 
+/** A value staged into an engine weight, as the read-back check sees it. */
+export type StagedValue =
+  | { readonly kind: 'float'; readonly layer: string; readonly role: WeightRole; readonly shape: readonly number[]; readonly data: Float32Array }
+  | { readonly kind: 'quantized'; readonly layer: string; readonly role: WeightRole; readonly weights: QuantizedWeights };
+
+/** Read-back verification: after every engine is applied, each weight the refit staged must report the
+ *  digest expected for the value staged. */
+export interface ReadbackCapability {
+  /** Digests of the network-level values the engine's kernels hold, by `${layer}\u0000${role}` ('c1:' +
+   *  hex): Engine.weightDigests(). Throws (or returns undefined) when the engine cannot report. */
+  readonly engineDigests: (segment: number, engine: Engine) => ReadonlyMap<string, string> | undefined;
+  /** The digest the engine should report once `value` is applied, at the precision and kernel format the
+   *  engine holds that weight in (src/verify: heldValueDigest); undefined when that cannot be told here
+   *  (the weight is then not compared, and the report says the refit was not fully verified). Called while
+   *  the value is staged. */
+  readonly expectedDigest: (segment: number, engine: Engine, value: StagedValue) => string | undefined;
+}
+
+/** How an engine holds a weight: what the digest it reports depends on. */
+export interface HeldFormat {
+  /** The engine's weight precision (float32, float16, bfloat16). */
+  readonly precision: string;
+  /** The weight's kernel format (quantized for kernels of quantized GEMMs and convolutions). */
+  readonly kernel: WeightKernelFormat | undefined;
+}
+
+/** The digest expected where the engine holds network-level values exactly: biases, norms, batch norm
+ *  statistics (never packed: held in float32), and every weight of a float32 engine in kernels of no
+ *  quantized format. Elsewhere (a kernel or constant of a reduced-precision or quantized engine, a quantized
+ *  copy) the held values depend on whether and how the engine packs the weight (src/verify: HeldForm.packed,
+ *  from the network definition), which a model does not carry: undefined, not compared. */
+export const exactHeldDigest = (value: StagedValue, held: HeldFormat): string | undefined => {
+  if (value.kind !== 'float') return undefined;
+  const packable = value.role === 'kernel' || value.role === 'constant';
+  const exact = !packable || (held.precision === 'float32' && (held.kernel === undefined || held.kernel.format === 'asPrecision'));
+  return exact ? heldValueDigest(value.data, { precision: 'float32' }) : undefined;
+};
+
+/** Read-back on libtrtshim's engines: Engine.weightDigests() for what an engine holds, and `expected` for the
+ *  digest a staged value should give at the precision and kernel format the engine holds it in (default
+ *  exactHeldDigest). An engine that cannot report fails the refit (ReadbackMismatch). */
+export const nativeReadback = (expected: (value: StagedValue, held: HeldFormat) => string | undefined = exactHeldDigest): ReadbackCapability => {
+  const formats = new WeakMap<Engine, { readonly precision: string; readonly kernels: ReadonlyMap<string, WeightKernelFormat> }>();
+  const heldFormat = (engine: Engine, layer: string, role: WeightRole): HeldFormat => {
+    let known = formats.get(engine);
+    if (known === undefined) {
+      known = { precision: engine.info().weightPrecision, kernels: new Map(engine.kernelFormats().map((k) => [`${k.layer}\u0000${k.role}`, k])) };
+      formats.set(engine, known);
+    }
+    return { precision: known.precision, kernel: known.kernels.get(`${layer}\u0000${role}`) };
+  };
+  return {
+    engineDigests: (_segment, engine) => {
+      const digests = (engine as Engine & { weightDigests?: () => ReadonlyMap<string, string> }).weightDigests;
+      if (typeof digests !== 'function') throw new Error('this build cannot read engines back (no Engine.weightDigests)');
+      return digests.call(engine);
+    },
+    expectedDigest: (_segment, engine, value) => expected(value, heldFormat(engine, value.layer, value.role)),
+  };
+};
+
 export interface EffectCapabilities {
   /** Computes a target's value from checkpoint tensors. The TypeScript reference evaluator by default. */
   readonly transform: (expr: Expr, lookup: SourceLookup) => E.Either<EvalError, F32Tensor>;
@@ -64,6 +126,9 @@ export interface EffectCapabilities {
   readonly onProgress?: (p: RefitProgress) => void;
   /** Milliseconds, monotonic. */
   readonly clock: () => number;
+  /** Read-back verification (EffectOptions.readback). Absent: the engines cannot be read back, the refit is
+   *  not verified that way and the report says so (readback.verified false). */
+  readonly readback?: ReadbackCapability;
 }
 
 /** Engine snapshots as engine files in a private temporary directory (written by libtrtshim itself, so
@@ -113,5 +178,6 @@ export const defaultCapabilities = (overrides: Partial<EffectCapabilities> = {})
   openSession: openOrtSession,
   snapshots: temporarySnapshots(),
   clock: () => performance.now(),
+  readback: nativeReadback(),
   ...overrides,
 });

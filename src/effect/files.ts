@@ -20,6 +20,7 @@ import type { TensorStore } from '../weightmap/store.js';
 import { describeEffectError, executePlanTE, type EffectErrorDetail, type EffectOptions, type RefitReport } from './effect.js';
 import { defaultMerge, type EffectCapabilities } from './capabilities.js';
 import { kernelInfoOf } from './quantized.js';
+import { fusedGroupsOf } from './groups.js';
 import { quantizedIn } from '../quant/store.js';
 
 export type RefitFilesErrorDetail =
@@ -152,10 +153,11 @@ export const planFile = (modelPath: string, weights: WeightsSpec): Promise<Refit
 
 // ---- refit --------------------------------------------------------------------------------------
 
-/** The plan a refit executes: against the model's current digests, without the plan's own scan for
- *  non-finite values (the effect refuses them while staging: one pass over the data instead of two). */
+/** The plan a refit executes: against the model's current digests and its engines' kernel formats and
+ *  fused groups, without the plan's own scan for non-finite values (the effect refuses them while staging:
+ *  one pass over the data instead of two). */
 export const planForRefit = (model: RefitModel, store: TensorStore): RefitPlan =>
-  planRefit(model.weightMap, store, { current: model.current, checkFinite: false, kernels: kernelInfoOf(model) });
+  planRefit(model.weightMap, store, { current: model.current, checkFinite: false, kernels: kernelInfoOf(model), fusedGroups: fusedGroupsOf(model) });
 
 export interface RefitFileOptions extends EffectOptions {
   /** Where the refitted model goes (default: in place). */

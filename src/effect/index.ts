@@ -1,3 +1,4 @@
 export * from './capabilities.js';
 export * from './effect.js';
 export * from './files.js';
+export { fusedGroupsOf, engineFusedGroups } from './groups.js';

@@ -10,7 +10,7 @@ import * as E from 'fp-ts/lib/Either.js';
 import * as t from 'io-ts';
 import { ExprCodec, exprSources, type Expr } from '../weightmap/expr.js';
 import type { WeightMap } from '../weightmap/map.js';
-import { combineDigests, scanCache } from '../weightmap/digest.js';
+import { combineDigests, scanCache, valueDigest } from '../weightmap/digest.js';
 import { isFloatDtype, type TensorStore } from '../weightmap/store.js';
 import type { MapTarget } from '../weightmap/map.js';
 import type { WeightKernelFormat } from '../../ffi/engine.js';
@@ -42,6 +42,18 @@ export interface PlanEntry {
    *  a kernel of the same format, or evaluated over dequantized tensors. Absent in plans of older versions
    *  (read as 'float'). */
   readonly path?: RefitPath;
+  /** Engine targets to stage in the same apply as this changed one: the other members of its fused groups
+   *  (PlanOptions.fusedGroups), whose values the engine needs again to redo the fusion. Evaluated over the
+   *  checkpoint like any target (an unchanged member gets the value it holds). Absent when there are none. */
+  readonly restage?: readonly string[];
+}
+
+/** Engine weights fused inside one engine: staging any member needs every other member staged in the same
+ *  apply (a batch norm folded into a convolution when the engine keeps no copy of the members' network-level
+ *  values; every weight of a stripped engine). Read from the engines (src/effect/groups.ts, fusedGroupsOf). */
+export interface FusedGroup {
+  readonly segment: number;
+  readonly members: readonly { readonly layer: string; readonly role: string }[];
 }
 
 export type RefitPath = 'float' | 'quantized-copy' | 'dequantize';
@@ -53,7 +65,15 @@ export type PlanProblem =
   | { readonly _tag: 'LossyCast'; readonly severity: 'warning'; readonly source: string; readonly from: string; readonly to: string }
   | { readonly _tag: 'NonFinite'; readonly severity: 'error'; readonly source: string; readonly count: number }
   | { readonly _tag: 'UnusedTensor'; readonly severity: 'warning'; readonly source: string }
-  | { readonly _tag: 'QuantizedMismatch'; readonly severity: 'error'; readonly source: string; readonly detail: string };
+  /** A checkpoint tensor no weight reads (the exported graph baked its value in) holds other values than at
+   *  build: refitting would silently ignore it. */
+  | { readonly _tag: 'PinnedChanged'; readonly severity: 'error'; readonly source: string; readonly reason: string }
+  /** Two checkpoint copies of one tied parameter differ: the engine holds one weight for both. */
+  | { readonly _tag: 'TiedDiverged'; readonly severity: 'error'; readonly source: string; readonly twin: string }
+  | { readonly _tag: 'QuantizedMismatch'; readonly severity: 'error'; readonly source: string; readonly detail: string }
+  /** A changed weight is fused with an engine weight that has no checkpoint source (a graph constant or an
+   *  unmapped weight): the engine cannot redo the fusion. `source` is the changed target. */
+  | { readonly _tag: 'FusedWithUnmapped'; readonly severity: 'error'; readonly source: string; readonly members: readonly string[] };
 
 export interface PlanTotals {
   readonly targets: number;
@@ -84,7 +104,7 @@ const EntryCodec = t.intersection([
     target: t.string, kind: t.keyof({ engine: null, fallback: null }), segment: t.number, expr: ExprCodec, dtype: t.string, shape: Shape,
     bytes: t.number, sources: t.readonlyArray(SourceCodec), sourceDigest: t.string, changed: t.boolean,
   }),
-  t.partial({ layer: t.string, role: t.string, tensor: t.string, path: t.keyof({ float: null, 'quantized-copy': null, dequantize: null }) }),
+  t.partial({ layer: t.string, role: t.string, tensor: t.string, path: t.keyof({ float: null, 'quantized-copy': null, dequantize: null }), restage: t.readonlyArray(t.string) }),
 ]);
 const ProblemCodec = t.union([
   t.type({ _tag: t.literal('MissingSource'), severity: t.literal('error'), source: t.string, targets: t.readonlyArray(t.string) }),
@@ -93,7 +113,10 @@ const ProblemCodec = t.union([
   t.type({ _tag: t.literal('LossyCast'), severity: t.literal('warning'), source: t.string, from: t.string, to: t.string }),
   t.type({ _tag: t.literal('NonFinite'), severity: t.literal('error'), source: t.string, count: t.number }),
   t.type({ _tag: t.literal('UnusedTensor'), severity: t.literal('warning'), source: t.string }),
+  t.type({ _tag: t.literal('PinnedChanged'), severity: t.literal('error'), source: t.string, reason: t.string }),
+  t.type({ _tag: t.literal('TiedDiverged'), severity: t.literal('error'), source: t.string, twin: t.string }),
   t.type({ _tag: t.literal('QuantizedMismatch'), severity: t.literal('error'), source: t.string, detail: t.string }),
+  t.type({ _tag: t.literal('FusedWithUnmapped'), severity: t.literal('error'), source: t.string, members: t.readonlyArray(t.string) }),
 ]);
 const TotalsCodec = t.type({
   targets: t.number, changed: t.number, unchanged: t.number, constant: t.number, bytesTotal: t.number, bytesToMove: t.number,
@@ -117,7 +140,10 @@ export const describeProblem = (p: PlanProblem): string => {
     case 'LossyCast': return `checkpoint tensor '${p.source}' is ${p.from}; the engine holds ${p.to} (precision is lost)`;
     case 'NonFinite': return `checkpoint tensor '${p.source}' has ${p.count} non-finite value(s)`;
     case 'UnusedTensor': return `checkpoint tensor '${p.source}' maps to no weight`;
+    case 'PinnedChanged': return `checkpoint tensor '${p.source}' changed, but it is pinned: ${p.reason}. The engines cannot take it: re-export the model from weights where it is not degenerate (e.g. a non-zero bias), then compile again`;
+    case 'TiedDiverged': return `checkpoint tensors '${p.source}' and '${p.twin}' were one tied parameter at build and now differ; the engines hold one weight for both (untie them in the model and re-export, or make them equal)`;
     case 'QuantizedMismatch': return `quantized checkpoint tensor '${p.source}': ${p.detail}`;
+    case 'FusedWithUnmapped': return `${p.source} is fused in its engine with ${p.members.join(', ')}, which no checkpoint tensor sets: the engine cannot redo the fusion`;
   }
 };
 
@@ -141,7 +167,41 @@ export interface PlanOptions {
    *  decides whether a quantized checkpoint tensor is copied or dequantized. Without it every target
    *  reading a quantized tensor is planned as 'dequantize'. */
   readonly kernels?: (target: MapTarget) => { readonly kernel: WeightKernelFormat | undefined; readonly folded: boolean };
+  /** The engines' fused groups (from the engines: src/effect/groups.ts, fusedGroupsOf). A changed member
+   *  gets the others as `restage`. Without it no entry restages anything, and the effect refuses a batch
+   *  an engine needs more weights for (PlanIncomplete). */
+  readonly fusedGroups?: readonly FusedGroup[];
 }
+
+/** For each engine target, the other members of every fused group it is in (target ids, sorted), and those
+ *  members that are no mapped target. */
+const restageOf = (map: WeightMap, groups: readonly FusedGroup[]): ((target: MapTarget) => { readonly ids: readonly string[]; readonly unmapped: readonly string[] }) => {
+  const keyOf = (segment: number, layer: string, role: string) => `${segment}\u0000${layer}\u0000${role}`;
+  const byKey = new Map(map.targets.filter((t) => t.kind === 'engine' && t.layer !== undefined).map((t) => [keyOf(t.segment, t.layer!, t.role ?? ''), t] as const));
+  const others = new Map<string, Set<string>>();
+  for (const g of groups) {
+    const keys = g.members.map((m) => keyOf(g.segment, m.layer, m.role));
+    for (const k of keys) {
+      const set = others.get(k) ?? new Set<string>();
+      keys.filter((o) => o !== k).forEach((o) => set.add(o));
+      others.set(k, set);
+    }
+  }
+  const none = { ids: [], unmapped: [] };
+  return (target) => {
+    if (target.kind !== 'engine' || target.layer === undefined) return none;
+    const members = others.get(keyOf(target.segment, target.layer, target.role ?? ''));
+    if (members === undefined || members.size === 0) return none;
+    const ids: string[] = [];
+    const unmapped: string[] = [];
+    for (const k of members) {
+      const t = byKey.get(k);
+      if (t !== undefined && t.status === 'mapped') ids.push(t.id);
+      else unmapped.push(t?.id ?? k.split('\u0000').slice(1).join(' '));
+    }
+    return { ids: ids.sort(compare), unmapped: unmapped.sort(compare) };
+  };
+};
 
 const bytesPer = (dtype: string): number => (dtype === 'float64' || dtype === 'int64' ? 8 : dtype === 'float16' || dtype === 'bfloat16' ? 2 : dtype === 'int8' || dtype === 'uint8' || dtype === 'bool' ? 1 : 4);
 const count = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
@@ -206,6 +266,7 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
   const constants: string[] = [];
   const used = new Set<string>();
   const targets = [...map.targets].sort((a, b) => compare(a.id, b.id));
+  const restage = options.fusedGroups !== undefined && options.fusedGroups.length > 0 ? restageOf(map, options.fusedGroups) : undefined;
   for (const target of targets) {
     if (target.status !== 'mapped') {
       constants.push(target.id);
@@ -228,6 +289,8 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
     const path: RefitPath = E.isLeft(mapped) ? 'quantized-copy' : ({ float: 'float', copy: 'quantized-copy', dequantize: 'dequantize' } as const)[mapped.right.path];
     const sourceDigest = ok ? combineDigests(read.map(digestOf)) : '';
     const now = options.current?.[target.id] ?? target.built.sourceDigest;
+    const fused = restage !== undefined && (!ok || sourceDigest !== now) ? restage(target) : undefined;
+    if (fused !== undefined && fused.unmapped.length > 0) add({ _tag: 'FusedWithUnmapped', severity: 'error', source: target.id, members: fused.unmapped });
     entries.push({
       target: target.id, kind: target.kind, segment: target.segment,
       ...(target.layer !== undefined ? { layer: target.layer } : {}), ...(target.role !== undefined ? { role: target.role } : {}), ...(target.tensor !== undefined ? { tensor: target.tensor } : {}),
@@ -239,15 +302,37 @@ export const planRefit = (map: WeightMap, checkpoint: TensorStore, options: Plan
       sourceDigest,
       changed: !ok || sourceDigest !== now,
       path,
+      ...(fused !== undefined && fused.ids.length > 0 ? { restage: fused.ids } : {}),
     });
   }
   for (const [source, ids] of missingFor) add({ _tag: 'MissingSource', severity: 'error', source, targets: ids });
-  for (const name of [...checkpoint.tensors.keys()].sort(compare)) if (!used.has(name)) add({ _tag: 'UnusedTensor', severity: 'warning', source: name });
+  // Pinned tensors: the graph baked their build values in, so they must hold those values still; a tied
+  // copy must hold its twin's values. A pinned tensor the checkpoint lacks changes nothing.
+  const pinned = new Set<string>();
+  const pinnedValue = (name: string): string | undefined => {
+    const info = checkpoint.tensors.get(name);
+    if (info === undefined || !isFloatDtype(info.dtype)) return undefined;
+    const bytes = info.dtype === 'F32' ? checkpoint.bytes(name) : undefined;
+    return bytes !== undefined && bytes.byteOffset % 4 === 0 ? valueDigest(new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4)) : valueDigest(checkpoint.toFloat32(name));
+  };
+  for (const p of map.pinned ?? []) {
+    pinned.add(p.name);
+    const now = pinnedValue(p.name);
+    if (now === undefined) continue;
+    if (p.kind === 'tied' && p.twin !== undefined) {
+      const twin = pinnedValue(p.twin);
+      if (twin !== undefined && twin !== now) add({ _tag: 'TiedDiverged', severity: 'error', source: p.name, twin: p.twin });
+    } else if (now !== p.digest) add({ _tag: 'PinnedChanged', severity: 'error', source: p.name, reason: p.reason });
+  }
+  for (const name of [...checkpoint.tensors.keys()].sort(compare)) if (!used.has(name) && !pinned.has(name)) add({ _tag: 'UnusedTensor', severity: 'warning', source: name });
   const sortedProblems = [...problems.values()].sort((a, b) => compare(problemKey(a), problemKey(b)));
   const changed = entries.filter((e) => e.changed);
   const sourceBytes = new Map<string, number>();
   const storedBytes = (dtype: string): number => (dtype === 'F64' ? 8 : dtype === 'F16' || dtype === 'BF16' ? 2 : dtype === 'I8' || dtype === 'U8' || dtype === 'F8_E4M3' ? 1 : 4);
-  for (const e of changed) for (const s of e.sources) if (s.dtype !== 'missing') sourceBytes.set(s.name, count(s.shape) * storedBytes(s.dtype));
+  // Restaged members are read too.
+  const byId = new Map(entries.map((e) => [e.target, e]));
+  const read = [...new Set([...changed, ...changed.flatMap((e) => (e.restage ?? []).map((id) => byId.get(id)!))])];
+  for (const e of read) for (const s of e.sources) if (s.dtype !== 'missing') sourceBytes.set(s.name, count(s.shape) * storedBytes(s.dtype));
   return {
     version: 1,
     entries,
@@ -292,6 +377,17 @@ const pathLines = (plan: RefitPlan): string[] => {
   ];
 };
 
+/** Weights restaged with changed ones (fused groups), when there are any. */
+const restageLines = (plan: RefitPlan): string[] => {
+  const fused = plan.entries.filter((e) => e.restage !== undefined && e.restage.length > 0);
+  if (fused.length === 0) return [];
+  const members = new Set(fused.flatMap((e) => e.restage!));
+  return [
+    `restage: ${members.size} weight(s) fused with ${fused.length} changed weight(s) are staged again with them`,
+    ...fused.map((e) => `  ${e.target} + ${e.restage!.join(', ')}`),
+  ];
+};
+
 /** A one-screen summary for `trt-refit plan` without --json. */
 export const summarizePlan = (plan: RefitPlan): string => {
   const t = plan.totals;
@@ -299,6 +395,7 @@ export const summarizePlan = (plan: RefitPlan): string => {
     `${t.targets} weights: ${t.changed} changed, ${t.unchanged} unchanged, ${t.constant} graph constants`,
     `${t.bytesToMove} of ${t.bytesTotal} bytes move; ${t.sourceBytesToRead} checkpoint bytes to read`,
     ...pathLines(plan),
+    ...restageLines(plan),
     ...plan.problems.map((p) => `${p.severity}: ${describeProblem(p)}`),
   ];
   return lines.join('\n');

@@ -12,6 +12,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { type FileHandle, open, rename, unlink } from 'node:fs/promises';
+import { crashPoint } from '../crash-point.js';
 import { basename, dirname } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
 import * as TE from 'fp-ts/lib/TaskEither.js';
@@ -139,6 +140,7 @@ export const writeSafetensorsTE =
     try {
       handle = await open(temporary, 'wx');
       await writeAll(handle, header);
+      crashPoint('safetensors.opened');
       for (const planned of layout.right) {
         current = planned.name;
         const source = (byName.get(planned.name) as TensorToWrite).data;
@@ -150,12 +152,15 @@ export const writeSafetensorsTE =
           );
         }
         await writeAll(handle, bytes);
+        crashPoint('safetensors.tensor');
       }
       current = undefined;
       await handle.sync();
       await handle.close();
       handle = undefined;
+      crashPoint('safetensors.synced');
       await rename(temporary, path);
+      crashPoint('safetensors.renamed');
       await syncDirectory(dirname(path));
       const last = layout.right[layout.right.length - 1];
       return E.right({ path, bytes: header.length + (last === undefined ? 0 : last.dataOffsets[1]), tensors: layout.right.length });

@@ -6,7 +6,7 @@ import * as E from 'fp-ts/lib/Either.js';
 import { elementCount, tensorOf, toNumbers, type Graph, type Node, type Tensor, type TensorType } from './ir.js';
 import type { TraceErrorDetail } from './errors.js';
 import { shapeRules } from './shapes.js';
-import { evaluators, MAX_FOLDED_ELEMENTS } from './fold.js';
+import { evaluators, MAX_FOLDED_ELEMENTS, provenanceDetails } from './fold.js';
 import type { Provenance } from './provenance.js';
 
 export interface Constant {
@@ -144,7 +144,7 @@ export const analyzeGraph = (graph: Graph, options: AnalyzeOptions = {}): E.Eith
         // they are not data the result was computed from, even when stored as initializers.
         const dataInputs = parameterInputsFrom[node.opType] ?? node.inputs.length;
         const inputProvenance = node.inputs.slice(0, dataInputs).map((n) => (n === '' ? ({ kind: 'literal', node: node.name } as Provenance) : constants.get(n)!.provenance));
-        const params = provenanceParams(node, outTypes);
+        const params = { ...provenanceParams(node, outTypes), ...provenanceDetails[node.opType]?.(node, inputTypes, values, outTypes) };
         node.inputs.slice(dataInputs).forEach((n, k) => {
           if (n !== '') params[`input${dataInputs + k}`] = toNumbers(values[dataInputs + k]!);
         });

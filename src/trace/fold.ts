@@ -117,12 +117,26 @@ const transpose = (x: Tensor, perm: readonly number[]): Tensor => {
 
 export const transposeTensor = transpose;
 
+/** Integer ranges of the integer dtypes: [min, max]. */
+const integerRange: Partial<Record<DType, readonly [number, number]>> = {
+  int8: [-128, 127], uint8: [0, 255], int16: [-32768, 32767], uint16: [0, 65535],
+  int32: [-(2 ** 31), 2 ** 31 - 1], uint32: [0, 2 ** 32 - 1], int64: [-(2 ** 63), 2 ** 63 - 1024], uint64: [0, 2 ** 64 - 2048], // the largest doubles below 2^63 and 2^64
+};
+
 const castTo = (target: DType) => (x: Tensor, shape: readonly number[]): Tensor | undefined => {
   if (target === 'float16' || target === 'bfloat16' || x.dtype === 'float16' || x.dtype === 'bfloat16') return undefined;
   if (target === x.dtype) return { ...x, shape };
   const values = toNumbers(x);
-  const converted = isFloat(target) ? values : target === 'bool' ? values.map((v) => (v !== 0 ? 1 : 0)) : values.map(Math.trunc);
-  return make(target, shape, converted);
+  if (isFloat(target)) return make(target, shape, values);
+  if (target === 'bool') return make(target, shape, values.map((v) => (v !== 0 ? 1 : 0)));
+  const [lo, hi] = integerRange[target]!;
+  const converted = values.map(Math.trunc);
+  if (converted.every((v) => v >= lo && v <= hi)) return make(target, shape, converted);
+  // NaN, infinities and out-of-range values: ONNX leaves the result undefined. ONNX Runtime and PyTorch on
+  // x86 give the "integer indefinite" value (the most negative int32 / int64) there; other targets stay run time.
+  // (T5's relative-position buckets cast log(0) = -inf to int64, then discard it with a Where.)
+  if (target !== 'int32' && target !== 'int64') return undefined;
+  return make(target, shape, converted.map((v) => (v >= lo && v <= hi ? v : lo)));
 };
 
 const erf = (x: number): number => {
@@ -306,6 +320,32 @@ export const evaluators: Readonly<Record<string, Evaluator>> = {
     const alpha = attrFloat(node, 'alpha', 0.2);
     const beta = attrFloat(node, 'beta', 0.5);
     return [make(out.dtype, out.shape, toNumbers(x).map((v) => Math.max(0, Math.min(1, alpha * v + beta))))];
+  },
+};
+
+/** Resolved parameters a folded operation applied, beyond its attributes: what the weight map needs to
+ *  turn the provenance into an expression without the graph (resolved axes, permutations, index shapes). */
+export type ProvenanceDetail = (
+  node: Node,
+  inputs: readonly (TensorType | undefined)[],
+  values: readonly (Tensor | undefined)[],
+  outputs: readonly TensorType[],
+) => Record<string, number | readonly number[]>;
+
+const noDetail: Record<string, number | readonly number[]> = {};
+
+export const provenanceDetails: Readonly<Record<string, ProvenanceDetail>> = {
+  /** `axis` resolved against the data's rank; `indicesShape` (the indices themselves are recorded as input1). */
+  Gather: (node, [x, indices]) => (x === undefined || indices === undefined ? noDetail : { axis: normalizeAxis(node, attrInt(node, 'axis', 0), x.shape.length), indicesShape: indices.shape }),
+  /** `perm` resolved (reversed dimensions when the attribute is absent). */
+  Transpose: (node, [x]) => (x === undefined ? noDetail : { perm: attrInts(node, 'perm') ?? x.shape.map((_, i) => x.shape.length - 1 - i) }),
+  /** Per input dimension: first index, step and count, resolved and clamped; and the input's shape. */
+  Slice: (node, [x], values) => {
+    const [, starts, ends, axes, steps] = values;
+    if (x === undefined || starts === undefined || ends === undefined) return noDetail;
+    if ((node.inputs[3] && axes === undefined) || (node.inputs[4] && steps === undefined)) return noDetail;
+    const r = resolveSlice(node, x.shape, toNumbers(starts), toNumbers(ends), axes && toNumbers(axes), steps && toNumbers(steps));
+    return { inputShape: x.shape, sliceStart: r.start, sliceStep: r.step, sliceCount: r.count };
   },
 };
 

@@ -431,6 +431,16 @@ export const shapeRules: Readonly<Record<string, ShapeRule>> = {
     if (delta === 0) bad(ctx.node, 'delta is 0');
     return [{ dtype: input(ctx, 0).dtype, shape: [Math.max(0, Math.ceil((limit - start) / delta))] }];
   }),
+  /** Running sums along one axis: same shape and dtype as x; the axis (input 1) may be known only at run time. */
+  CumSum: rule((ctx) => {
+    const x = input(ctx, 0);
+    const axis = input(ctx, 1);
+    if (axis.dtype !== 'int32' && axis.dtype !== 'int64') bad(ctx.node, `axis must be int32 or int64; found ${axis.dtype}`);
+    if (axis.shape.length > 1 || axis.shape.reduce((a, b) => a * b, 1) !== 1) bad(ctx.node, `axis must be a scalar; found shape [${axis.shape}]`);
+    const known = ctx.values[1];
+    if (known !== undefined) normalizeAxis(ctx.node, toNumbers(known)[0], x.shape.length);
+    return [{ dtype: x.dtype, shape: x.shape }];
+  }),
   Dropout: rule((ctx) => {
     const x = input(ctx, 0);
     const mask: TensorType = { dtype: 'bool', shape: x.shape };

@@ -116,6 +116,60 @@ export const concatF32 = (xs: readonly F32Tensor[], axis: number): F32Tensor => 
   return { shape: xs[0].shape.map((d, i) => (i === axis ? xs.reduce((s, x) => s + x.shape[axis], 0) : d)), data: out };
 };
 
+const isCount = (d: number): boolean => Number.isInteger(d) && d >= 0;
+
+/** ONNX Gather along one axis with constant indices (see the `gather` expression). Values are copied. */
+export const gatherF32 = (x: F32Tensor, axis: number, indicesShape: readonly number[], indices: readonly number[]): F32Tensor => {
+  const rank = x.shape.length;
+  const a = axis < 0 ? axis + rank : axis;
+  if (!Number.isInteger(a) || a < 0 || a >= rank) fail('gather', `axis ${axis} is out of range for [${x.shape}]`);
+  if (!indicesShape.every(isCount) || count(indicesShape) !== indices.length) fail('gather', `${indices.length} indices for indices shape [${indicesShape}]`);
+  const dim = x.shape[a];
+  const picks = indices.map((i) => (i < 0 ? i + dim : i));
+  const bad = picks.findIndex((p) => !Number.isInteger(p) || p < 0 || p >= dim);
+  if (bad >= 0) fail('gather', `index ${indices[bad]} is out of range for axis ${a} of [${x.shape}]`);
+  const outer = count(x.shape.slice(0, a));
+  const inner = count(x.shape.slice(a + 1));
+  const out = new Float32Array(outer * picks.length * inner);
+  let o = 0;
+  for (let b = 0; b < outer; b++) {
+    for (const p of picks) {
+      const base = (b * dim + p) * inner;
+      for (let i = 0; i < inner; i++) out[o++] = x.data[base + i];
+    }
+  }
+  return { shape: [...x.shape.slice(0, a), ...indicesShape, ...x.shape.slice(a + 1)], data: out };
+};
+
+/** x broadcast to exactly `shape` (numpy rules: dimensions aligned right, each 1 or equal). Values are copied. */
+export const expandF32 = (x: F32Tensor, shape: readonly number[]): F32Tensor => {
+  const rank = shape.length;
+  const offset = rank - x.shape.length;
+  if (!shape.every(isCount) || offset < 0 || x.shape.some((d, i) => d !== 1 && d !== shape[offset + i])) fail('expand', `[${x.shape}] does not broadcast to [${shape}]`);
+  const n = count(shape);
+  const out = new Float32Array(n);
+  if (n === 0) return { shape, data: out };
+  // Input stride per output dimension: 0 where the input is broadcast (missing or 1).
+  const step = new Array<number>(rank).fill(0);
+  for (let i = x.shape.length - 1, s = 1; i >= 0; i--) {
+    if (x.shape[i] !== 1) step[offset + i] = s;
+    s *= x.shape[i];
+  }
+  const index = new Array<number>(rank).fill(0);
+  let from = 0;
+  for (let e = 0; e < n; e++) {
+    out[e] = x.data[from];
+    for (let i = rank - 1; i >= 0; i--) {
+      index[i]++;
+      from += step[i];
+      if (index[i] < shape[i]) break;
+      from -= step[i] * index[i];
+      index[i] = 0;
+    }
+  }
+  return { shape, data: out };
+};
+
 /** gamma / sqrt(var + eps) per channel, each step rounded to float32. */
 export const bnScale = (gamma: Float32Array, variance: Float32Array, epsilon: number): Float32Array => {
   const out = new Float32Array(gamma.length);
@@ -144,6 +198,8 @@ const evalOrThrow = (e: Expr, lookup: SourceLookup): F32Tensor => {
     }
     case 'slice': return sliceF32(ev(e.x), e.axis, e.start, e.end);
     case 'concat': return concatF32(e.xs.map(ev), e.axis);
+    case 'gather': return gatherF32(ev(e.x), e.axis, e.indicesShape, e.indices);
+    case 'expand': return expandF32(ev(e.x), e.shape);
     case 'bnFoldWeight': {
       const w = ev(e.weight);
       const s = bnScale(ev(e.gamma).data, ev(e.variance).data, e.epsilon);

@@ -6,6 +6,6 @@ export * from './digest.js';
 export * from './untie.js';
 export * from './prepare.js';
 export * from './scopes.js';
-export { CheckpointIndex, normalizeName, nameScore, pickByHints, WRAPPER_PREFIXES, BN_EPSILONS, FOLD_TOLERANCE_ULPS, type Match, type MatchMethod, type MatchRequest } from './match.js';
+export { CheckpointIndex, normalizeName, nameScore, settle, settleBatchNorm, isDegenerate, isAmbiguity, noEvidence, WRAPPER_PREFIXES, BN_EPSILONS, FOLD_TOLERANCE_ULPS, type Match, type MatchMethod, type MatchRequest, type Evidence, type EvidenceKind, type Settlement, type Ambiguity } from './match.js';
 export * from './map.js';
 export * from './build.js';

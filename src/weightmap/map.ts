@@ -9,17 +9,18 @@ import * as E from 'fp-ts/lib/Either.js';
 import * as t from 'io-ts';
 import type { AnalyzedGraph } from '../trace/analyze.js';
 import { isFloat, toBytes, type Node, type Tensor } from '../trace/ir.js';
-import type { Provenance } from '../trace/provenance.js';
+import { provenanceSources, type Provenance } from '../trace/provenance.js';
 import type { Segment } from '../partition/index.js';
 import { lowerContext, lowerSegment } from '../network/lower.js';
 import { networkWeights, type WeightRole } from '../network/types.js';
 import { exprSources, ExprCodec, simplify, type Expr, type CastTarget } from './expr.js';
 import type { F32Tensor } from './evaluate.js';
-import { CheckpointIndex, type Match, type MatchMethod, WRAPPER_PREFIXES } from './match.js';
+import { CheckpointIndex, isAmbiguity, isDegenerate, type Evidence, type EvidenceKind, type Match, type MatchMethod, WRAPPER_PREFIXES } from './match.js';
 import { legacyScope, type NodeScopes } from './scopes.js';
 import type { TensorStore } from './store.js';
 import { isUntiedCopy, untiedBase } from './untie.js';
-import { combineDigests, digestCache, valueDigest } from './digest.js';
+import { combineDigests, scanCache, valueDigest } from './digest.js';
+import { deriveGatherByValue, settleDerived } from './derive.js';
 
 export type TargetStatus = 'mapped' | 'constant' | 'unmapped';
 
@@ -49,10 +50,29 @@ export interface SourceInfo {
   readonly shape: readonly number[];
 }
 
+/** A choice among equal-valued checkpoint tensors, and the evidence that settled it. */
 export interface Tie {
+  /** The initializer use (or target id) the choice was made for. */
   readonly target: string;
   readonly chosen: string;
   readonly alternatives: readonly string[];
+  /** What decided it (absent in maps written before evidence was recorded). */
+  readonly evidence?: EvidenceKind;
+}
+
+/**
+ * A checkpoint tensor that is the source of no weight, recorded with its digest at build: the exported
+ * graph baked its value in (a zero bias the exporter dropped, parameters merged because they were equal)
+ * or does not read it. A refit whose checkpoint changes it is refused. A `tied` tensor is another copy of
+ * `twin` (a tied parameter stored twice): it must keep equal to its twin instead.
+ */
+export interface PinnedTensor {
+  readonly name: string;
+  readonly kind: 'dropped' | 'unread' | 'tied';
+  readonly reason: string;
+  /** Digest of its values as float32 at build (valueDigest). */
+  readonly digest: string;
+  readonly twin?: string;
 }
 
 export interface WeightMap {
@@ -62,16 +82,23 @@ export interface WeightMap {
   readonly targets: readonly MapTarget[];
   /** Checkpoint tensors of the build checkpoint that map to nothing (e.g. num_batches_tracked). */
   readonly unused: readonly string[];
-  /** Values equal in several checkpoint tensors, and the choice made by name similarity. */
+  /** Values equal in several checkpoint tensors, and the evidence that chose among them. */
   readonly ties: readonly Tie[];
   /** Checkpoint tensors feeding several targets. */
   readonly tied: readonly { readonly source: string; readonly targets: readonly string[] }[];
+  /** Float checkpoint tensors that are no weight's source (absent in maps of older versions). */
+  readonly pinned?: readonly PinnedTensor[];
 }
 
 const Shape = t.readonlyArray(t.number);
 const SourceInfoCodec = t.type({ name: t.string, dtype: t.string, shape: Shape });
 const RoleCodec = t.keyof({ kernel: null, bias: null, scale: null, shift: null, constant: null, mean: null, variance: null });
-const MethodCodec = t.keyof({ name: null, 'normalized-name': null, value: null, transpose: null, rows: null, 'bn-fold': null, 'name-only': null });
+const MethodCodec = t.keyof({ name: null, 'normalized-name': null, value: null, transpose: null, rows: null, 'bn-fold': null, 'name-only': null, 'map-file': null, gather: null });
+const EvidenceCodec = t.keyof({ name: null, alias: null, scope: null, 'module-order': null, tied: null, 'map-file': null });
+const PinnedCodec = t.intersection([
+  t.type({ name: t.string, kind: t.keyof({ dropped: null, unread: null, tied: null }), reason: t.string, digest: t.string }),
+  t.partial({ twin: t.string }),
+]);
 export const MapTargetCodec = t.intersection([
   t.type({
     id: t.string,
@@ -86,23 +113,47 @@ export const MapTargetCodec = t.intersection([
   }),
   t.partial({ layer: t.string, role: RoleCodec, tensor: t.string }),
 ]);
-export const WeightMapCodec: t.Type<WeightMap> = t.type({
-  version: t.literal(1),
-  sources: t.readonlyArray(SourceInfoCodec),
-  targets: t.readonlyArray(MapTargetCodec),
-  unused: t.readonlyArray(t.string),
-  ties: t.readonlyArray(t.type({ target: t.string, chosen: t.string, alternatives: t.readonlyArray(t.string) })),
-  tied: t.readonlyArray(t.type({ source: t.string, targets: t.readonlyArray(t.string) })),
-}) as unknown as t.Type<WeightMap>;
+export const WeightMapCodec: t.Type<WeightMap> = t.intersection([
+  t.type({
+    version: t.literal(1),
+    sources: t.readonlyArray(SourceInfoCodec),
+    targets: t.readonlyArray(MapTargetCodec),
+    unused: t.readonlyArray(t.string),
+    ties: t.readonlyArray(t.intersection([t.type({ target: t.string, chosen: t.string, alternatives: t.readonlyArray(t.string) }), t.partial({ evidence: EvidenceCodec })])),
+    tied: t.readonlyArray(t.type({ source: t.string, targets: t.readonlyArray(t.string) })),
+  }),
+  t.partial({ pinned: t.readonlyArray(PinnedCodec) }),
+]) as unknown as t.Type<WeightMap>;
+
+/** An engine or fallback weight whose value several checkpoint tensors hold, with nothing to tell them apart. */
+export interface AmbiguousWeight {
+  readonly id: string;
+  /** The graph value (initializer use) that could not be matched. */
+  readonly initializer: string;
+  readonly candidates: readonly string[];
+}
 
 export type WeightMapErrorDetail =
-  | { readonly _tag: 'UnmappedWeights'; readonly weights: readonly { readonly id: string; readonly reason: string }[] }
+  | { readonly _tag: 'UnmappedWeights'; readonly weights: readonly { readonly id: string; readonly reason: string }[]; readonly unaccounted?: readonly string[] }
+  | { readonly _tag: 'AmbiguousWeights'; readonly weights: readonly AmbiguousWeight[] }
+  | { readonly _tag: 'MapFileMismatch'; readonly entry: string; readonly reason: string }
   | { readonly _tag: 'LowerFailed'; readonly segment: number; readonly reason: string };
 
-export const describeWeightMapError = (e: WeightMapErrorDetail): string =>
-  e._tag === 'UnmappedWeights'
-    ? `${e.weights.length} refittable weight(s) have no checkpoint source: ${e.weights.map((w) => `${w.id} (${w.reason})`).join('; ')}`
-    : `engine segment ${e.segment} could not be lowered: ${e.reason}`;
+export const describeAmbiguity = (weights: readonly AmbiguousWeight[]): string =>
+  `${weights.length} weight(s) hold values that several checkpoint tensors hold equally, and neither names nor module scopes tell which: `
+  + weights.map((w) => `${w.id} (initializer '${w.initializer}'): one of ${w.candidates.join(', ')}`).join('; ')
+  + '. Settle each with a map file (--map FILE / the `map` option: {"<engine weight id or initializer>": "<checkpoint tensor>"})';
+
+export const describeWeightMapError = (e: WeightMapErrorDetail): string => {
+  switch (e._tag) {
+    case 'UnmappedWeights':
+      return `${e.weights.length} refittable weight(s) have no checkpoint source: ${e.weights.map((w) => `${w.id} (${w.reason})`).join('; ')}`
+        + (e.unaccounted !== undefined && e.unaccounted.length > 0 ? `; and checkpoint tensor(s) ${e.unaccounted.join(', ')} feed no weight: the map missed how they relate (a map file can say it)` : '');
+    case 'AmbiguousWeights': return describeAmbiguity(e.weights);
+    case 'MapFileMismatch': return `map file entry '${e.entry}': ${e.reason}`;
+    case 'LowerFailed': return `engine segment ${e.segment} could not be lowered: ${e.reason}`;
+  }
+};
 
 export class WeightMapError extends Error {
   override readonly name = 'WeightMapError';
@@ -125,6 +176,12 @@ export interface WeightMapOptions {
   /** Build the map even when refittable weights have no checkpoint source (they stay as built). */
   readonly allowUnmapped?: boolean;
   readonly prefixes?: readonly string[];
+  /**
+   * Settles what evidence cannot: engine weight id (`engine/<segment>/<layer>/<role>`,
+   * `fallback/<segment>/<tensor>`) or initializer name (a use `<name>@use<k>`, an Identity alias, or an
+   * unshared initializer) -> checkpoint tensor. The tensor must hold the graph's value.
+   */
+  readonly map?: Readonly<Record<string, string>>;
 }
 
 // ---- targets ------------------------------------------------------------------------------------
@@ -254,6 +311,29 @@ const compose = (p: Provenance, leaf: (name: string) => LeafResult): Composed =>
           const axis = p.params['axis'];
           return typeof axis === 'number' && axis >= 0 ? one({ op: 'concat', axis, xs: exprs }) : { kind: 'fail', reason: 'Concat with a negative axis' };
         }
+        case 'Gather': {
+          // Constant indices (a graph constant, recorded by value as input1) are embedded in the expression.
+          const { axis, indicesShape, input1: indices } = p.params;
+          if (typeof axis !== 'number' || !Array.isArray(indicesShape) || !Array.isArray(indices)) return { kind: 'fail', reason: `Gather (${p.node}) without resolved axis and indices` };
+          if (indices.length > 1 << 16) return { kind: 'fail', reason: `Gather (${p.node}) has ${indices.length} indices, too many to embed` };
+          return one({ op: 'gather', axis, indicesShape: indicesShape as number[], indices: indices as number[], x: exprs[0] });
+        }
+        case 'Expand':
+          return Array.isArray(shape) ? one({ op: 'expand', shape: shape as number[], x: exprs[0] }) : { kind: 'fail', reason: 'Expand without a resolved shape' };
+        case 'Slice': {
+          const { inputShape, sliceStart, sliceStep, sliceCount } = p.params as Record<string, readonly number[] | undefined>;
+          if (![inputShape, sliceStart, sliceStep, sliceCount].every(Array.isArray)) return { kind: 'fail', reason: `Slice (${p.node}) without resolved bounds` };
+          // One slice per cut axis (a gather of the picked indices where the step is not 1).
+          let expr = exprs[0];
+          inputShape!.forEach((dim, axis) => {
+            const [start, step, count] = [sliceStart![axis], sliceStep![axis], sliceCount![axis]];
+            if (step === 1 && start === 0 && count === dim) return;
+            expr = step === 1
+              ? { op: 'slice', axis, start, end: start + count, x: expr }
+              : { op: 'gather', axis, indicesShape: [count], indices: Array.from({ length: count }, (_, i) => start + i * step), x: expr };
+          });
+          return one(expr);
+        }
         default: return { kind: 'fail', reason: `folded ${p.opType} (${p.node}) has no expression form` };
       }
     }
@@ -262,12 +342,20 @@ const compose = (p: Provenance, leaf: (name: string) => LeafResult): Composed =>
 
 // ---- the map ------------------------------------------------------------------------------------
 
+const push = (m: Map<string, string[]>, key: string, value: string): void => {
+  const list = m.get(key);
+  if (list) list.push(value);
+  else m.set(key, [value]);
+};
+
+const reasonOf = (e: Expr): string => (e.op === 'constant' ? e.reason : '');
+
 export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions = {}): E.Either<WeightMapErrorDetail, WeightMap> => {
   const collected = collectTargets(input);
   if (E.isLeft(collected)) return collected;
   const { analyzed, checkpoint } = input;
-  const index = new CheckpointIndex(checkpoint, options.prefixes ?? WRAPPER_PREFIXES);
-  const nodes = new Map(analyzed.graph.nodes.map((n) => [n.name, n]));
+  const prefixes = options.prefixes ?? WRAPPER_PREFIXES;
+  const index = new CheckpointIndex(checkpoint, prefixes);
   const readers = readersOf(analyzed.graph.nodes);
   const scopeOf = (node: string): string | undefined => input.scopes?.get(node) ?? legacyScope(node);
   /** Scopes of the nodes that read a tensor, looking through folded nodes to their readers. */
@@ -279,10 +367,66 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
       ...(analyzed.folded.has(n.name) ? n.outputs.flatMap((o) => readerScopes(o, seen)) : []),
     ]);
   };
-  const digestOf = digestCache(checkpoint);
+  /** Output names of the Identity nodes that alias a tensor (the legacy exporter's way of naming the
+   *  other parameters that share one initializer), following chains. */
+  const aliasesOf = (tensor: string, seen = new Set<string>()): string[] => {
+    if (seen.has(tensor)) return [];
+    seen.add(tensor);
+    return (readers.get(tensor) ?? []).filter((n) => n.opType === 'Identity').flatMap((n) => [n.outputs[0], ...aliasesOf(n.outputs[0], seen)]);
+  };
+  // The name of a shared initializer belongs to one of its uses only when exactly one use reads it
+  // directly: the legacy exporter names the others through Identity aliases. The dynamo exporter reads it
+  // directly from every use, so its name tells none of them apart.
+  const directUses = new Map<string, string[]>();
+  for (const name of analyzed.constants.keys()) {
+    if (isUntiedCopy(name) && (readers.get(name) ?? []).some((n) => n.opType !== 'Identity')) push(directUses, untiedBase(name), name);
+  }
+  const evidenceOf = (name: string, extraScopes: readonly string[]): Evidence => {
+    const base = untiedBase(name);
+    const direct = directUses.get(base);
+    const names = !isUntiedCopy(name) ? [name] : direct !== undefined && direct.length === 1 && direct[0] === name ? [base] : [];
+    return { names, aliases: aliasesOf(name), scopes: [...new Set([...readerScopes(name), ...extraScopes])] };
+  };
+
+  const { digest: digestOf } = scanCache(checkpoint);
   const ties: Tie[] = [];
+  const record = (target: string, match: Match): void => {
+    for (const s of match.settled ?? []) ties.push({ target, chosen: s.chosen, alternatives: s.candidates.filter((c) => c !== s.chosen), evidence: s.by });
+  };
+  const mapFile = options.map ?? {};
+  const usedEntries = new Set<string>();
+  let mapError: WeightMapErrorDetail | undefined;
+  /** A map file's binding of a graph value to a checkpoint tensor, checked against the value. */
+  const fromMapFile = (entry: string, value: F32Tensor): Match | undefined => {
+    usedEntries.add(entry);
+    const name = mapFile[entry];
+    const t = index.get(name);
+    const fail = (reason: string) => {
+      mapError ??= { _tag: 'MapFileMismatch', entry, reason };
+      return undefined;
+    };
+    if (t === undefined) return fail(`the checkpoint has no float tensor '${name}'`);
+    if (t.data.length !== value.data.length) return fail(`checkpoint tensor '${name}' [${t.shape}] has ${t.data.length} values; the graph's value [${value.shape}] has ${value.data.length}`);
+    const reshaped = (e: Expr, from: readonly number[], to: readonly number[]): Expr => (from.join() === to.join() ? e : { op: 'reshape', shape: [...to], x: e });
+    if (t.data.every((x, i) => Object.is(x, value.data[i]) || x === value.data[i])) {
+      ties.push({ target: entry, chosen: name, alternatives: [], evidence: 'map-file' });
+      return { expr: reshaped({ op: 'source', name }, t.shape, value.shape), method: 'map-file', alternatives: [] };
+    }
+    if (value.shape.length === 2) {
+      const [r, c] = value.shape;
+      let equal = true;
+      for (let i = 0; i < r && equal; i++) for (let j = 0; j < c && equal; j++) equal = t.data[j * r + i] === value.data[i * c + j];
+      if (equal) {
+        ties.push({ target: entry, chosen: name, alternatives: [], evidence: 'map-file' });
+        return { expr: { op: 'transpose', perm: [1, 0], x: reshaped({ op: 'source', name }, t.shape, [c, r]) }, method: 'map-file', alternatives: [] };
+      }
+    }
+    return fail(`checkpoint tensor '${name}' does not hold the graph's value (nor its transpose)`);
+  };
+
+  const ambiguousLeaves = new Map<string, readonly string[]>();
   const leaves = new Map<string, LeafResult>();
-  const matchLeaf = (name: string, suffix: string | undefined, extraHints: readonly string[]): LeafResult => {
+  const matchLeaf = (name: string, suffix: string | undefined, extraScopes: readonly string[]): LeafResult => {
     const cached = leaves.get(name);
     if (cached) return cached;
     const constant = analyzed.constants.get(name);
@@ -291,18 +435,26 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
     if (constant === undefined) result = { kind: 'unmapped', reason: `no initializer '${name}'` };
     else if (value === undefined) result = { kind: 'constant', reason: `${constant.tensor.dtype} data (indices, shapes, masks)` };
     else {
-      const base = untiedBase(name);
-      const scopes = readerScopes(name);
-      const hints = isUntiedCopy(name) ? [scopes, extraHints, [base]] : [[base], scopes, extraHints];
-      const found = index.match({ name: base, value, byName: !isUntiedCopy(name), hints, ...(suffix !== undefined ? { suffix } : {}) });
-      // A name match with other values may be a bias the exporter folded a BatchNorm into (keeping the name).
-      const match = found === undefined || found.method === 'name-only' ? matchFoldedBias(name, value) ?? found : found;
-      if (match) {
-        if (match.alternatives.length > 0) ties.push({ target: name, chosen: exprSources(match.expr)[0] ?? '', alternatives: match.alternatives });
-        result = { kind: 'mapped', match };
+      const evidence = evidenceOf(name, extraScopes);
+      const entry = [name, ...evidence.aliases, ...evidence.names].find((n) => mapFile[n] !== undefined);
+      const folded = entry === undefined ? matchFoldedBias(name, value) : undefined;
+      const found = entry !== undefined ? fromMapFile(entry, value) : folded ?? index.match({ name: untiedBase(name), value, byName: !isUntiedCopy(name), evidence, ...(suffix !== undefined ? { suffix } : {}) });
+      if (isAmbiguity(found)) {
+        if (value.data.length <= 1) result = { kind: 'constant', reason: 'a scalar written by the exporter' };
+        else {
+          ambiguousLeaves.set(name, found.candidates);
+          result = { kind: 'unmapped', reason: `several checkpoint tensors hold its value: ${found.candidates.join(', ')}` };
+        }
+      } else if (found) {
+        record(name, found);
+        result = { kind: 'mapped', match: found };
       } else {
         const reason = graphConstantReason(value);
-        result = reason !== undefined ? { kind: 'constant', reason } : { kind: 'unmapped', reason: `no checkpoint tensor matches initializer '${base}' [${value.shape}] by name or value` };
+        // A table the exporter gathered from one checkpoint tensor and folded (T5's relative attention bias).
+        const derived = reason === undefined ? settleDerived(deriveGatherByValue(value, checkpoint), evidence.scopes) : undefined;
+        result = reason !== undefined ? { kind: 'constant', reason }
+          : derived !== undefined ? { kind: 'mapped', match: { expr: derived.expr, method: 'gather', alternatives: [] } }
+          : { kind: 'unmapped', reason: `no checkpoint tensor matches initializer '${untiedBase(name)}' [${value.shape}] by name or value` };
       }
     }
     leaves.set(name, result);
@@ -310,9 +462,9 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
   };
   /** A convolution bias the exporter folded a BatchNorm into: found through the same node's weight. */
   const matchFoldedBias = (name: string, value: F32Tensor): Match | undefined => {
-    for (const reader of readers.get(name) ?? []) {
-      if (reader.opType !== 'Conv' || reader.inputs[2] !== name) continue;
-      const weight = matchLeaf(reader.inputs[1], 'weight', []);
+    for (const via of [name, ...aliasesOf(name)]) for (const reader of readers.get(via) ?? []) {
+      if (reader.opType !== 'Conv' || reader.inputs[2] !== via) continue;
+      const weight = matchLeaf(reader.inputs[1], 'weight', [scopeOf(reader.name)].filter((s): s is string => s !== undefined));
       const fold = weight.kind === 'mapped' ? index.foldOf(weight.match.expr) : undefined;
       const expr = fold && index.foldBias(value, fold);
       if (expr) return { expr, method: 'bn-fold', alternatives: [] };
@@ -320,21 +472,36 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
     return undefined;
   };
 
+  const ambiguous: AmbiguousWeight[] = [];
   const targets: MapTarget[] = [];
   for (const p of collected.right) {
     const base = { id: p.id, kind: p.kind, segment: p.segment, ...(p.layer !== undefined ? { layer: p.layer, role: p.role } : { tensor: p.tensor }), dtype: p.value.dtype, shape: [...p.value.shape] };
     const vd = valueDigest(p.value.data);
     const suffix = roleSuffix(p.role);
     const nodeScopes = p.nodes.map(scopeOf).filter((s): s is string => s !== undefined);
-    let composed: Composed = isFloat(p.value.dtype) ? compose(p.provenance, (name) => matchLeaf(name, suffix, nodeScopes)) : { kind: 'constant', reason: `${p.value.dtype} data (indices, shapes, masks)` };
+    const own = f32(p.value);
+    let composed: Composed;
+    if (mapFile[p.id] !== undefined && own !== undefined) {
+      const m = fromMapFile(p.id, own);
+      composed = m ? { kind: 'expr', expr: m.expr, methods: [m.method] } : { kind: 'fail', reason: 'map file entry does not fit' };
+    } else {
+      composed = isFloat(p.value.dtype) ? compose(p.provenance, (name) => matchLeaf(name, suffix, nodeScopes)) : { kind: 'constant', reason: `${p.value.dtype} data (indices, shapes, masks)` };
+    }
     if (composed.kind === 'fail') {
-      // The provenance has no expression form: match the weight's own value instead.
-      const value = f32(p.value);
-      const m = value && index.match({ name: p.tensor ?? p.layer ?? p.id, value, byName: false, hints: [nodeScopes], ...(suffix !== undefined ? { suffix } : {}) });
-      if (m) composed = { kind: 'expr', expr: m.expr, methods: [m.method] };
-      else {
-        const reason = value && graphConstantReason(value);
-        if (reason !== undefined) composed = { kind: 'constant', reason };
+      const unsettled = provenanceSources(p.provenance).filter((n) => ambiguousLeaves.has(n));
+      if (unsettled.length > 0) {
+        for (const n of unsettled) ambiguous.push({ id: p.id, initializer: n, candidates: ambiguousLeaves.get(n)! });
+      } else if (own !== undefined) {
+        // The provenance has no expression form: match the weight's own value instead.
+        const m = index.match({ name: p.tensor ?? p.layer ?? p.id, value: own, byName: false, evidence: { names: [], aliases: [], scopes: nodeScopes }, ...(suffix !== undefined ? { suffix } : {}) });
+        if (isAmbiguity(m)) ambiguous.push({ id: p.id, initializer: p.tensor ?? p.layer ?? p.id, candidates: m.candidates });
+        else if (m) {
+          record(p.id, m);
+          composed = { kind: 'expr', expr: m.expr, methods: [m.method] };
+        } else {
+          const reason = graphConstantReason(own);
+          if (reason !== undefined) composed = { kind: 'constant', reason };
+        }
       }
     }
     if (composed.kind === 'expr') {
@@ -345,18 +512,48 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
       targets.push({ ...base, status: composed.kind === 'constant' ? 'constant' : 'unmapped', expr: { op: 'constant', reason }, methods: [], built: { sourceDigest: '', valueDigest: vd } });
     }
   }
-  const unmapped = targets.filter((x) => x.status === 'unmapped');
-  if (unmapped.length > 0 && !options.allowUnmapped) {
-    return E.left({ _tag: 'UnmappedWeights', weights: unmapped.map((x) => ({ id: x.id, reason: (x.expr as { reason: string }).reason })) });
-  }
+  if (mapError !== undefined) return E.left(mapError);
+  const unknownEntries = Object.keys(mapFile).filter((k) => !usedEntries.has(k)).sort();
+  if (unknownEntries.length > 0) return E.left({ _tag: 'MapFileMismatch', entry: unknownEntries[0], reason: 'it names no engine weight, fallback weight or initializer use that needed settling in this model (see `inspect` for weight ids)' });
+  if (ambiguous.length > 0) return E.left({ _tag: 'AmbiguousWeights', weights: ambiguous });
+
   const users = new Map<string, string[]>();
-  for (const x of targets) {
-    for (const s of exprSources(x.expr)) {
-      const list = users.get(s);
-      if (list) list.push(x.id);
-      else users.set(s, [x.id]);
-    }
+  for (const x of targets) for (const s of exprSources(x.expr)) push(users, s, x.id);
+
+  // Every float checkpoint tensor is a source, a tied copy of one, or pinned with the reason why.
+  const pinned: PinnedTensor[] = [];
+  const unaccounted: string[] = [];
+  for (const name of [...checkpoint.tensors.keys()].sort()) {
+    if (users.has(name)) continue;
+    const value = index.get(name);
+    if (value === undefined) continue; // not float: step counters, ids
+    const degenerate = isDegenerate(value.data);
+    const twin = degenerate ? undefined : index.equalTensors(value).find((n) => users.has(n));
+    if (twin !== undefined) pinned.push({ name, kind: 'tied', twin, digest: valueDigest(value.data), reason: `a second copy of '${twin}' (a tied parameter: the graph holds one); it must stay equal to it` });
+    else if (degenerate) {
+      const zero = value.data.every((x) => x === 0);
+      pinned.push({
+        name, kind: 'dropped', digest: valueDigest(value.data),
+        reason: zero
+          ? 'zero at export: the exporter dropped it from the graph (or folded its value in), so no engine weight reads it'
+          : `a fill of ${value.data[0]} at export: the exporter folded its value into the graph (parameters merged because they were equal), so no engine weight reads it`,
+      });
+    } else unaccounted.push(name);
   }
+  let finalTargets = targets;
+  const unmapped = targets.filter((x) => x.status === 'unmapped');
+  if (unmapped.length > 0 && unaccounted.length === 0) {
+    // Every checkpoint tensor is accounted for: what no tensor explains was computed by the exporter from
+    // something the checkpoint does not hold (rotary tables from a buffer, masks). It stays as exported.
+    finalTargets = targets.map((x) => (x.status !== 'unmapped' ? x : {
+      ...x, status: 'constant' as const,
+      expr: { op: 'constant' as const, reason: `no checkpoint tensor explains it and every checkpoint tensor is accounted for: a table the exporter computed from values the checkpoint does not hold (${reasonOf(x.expr)})` },
+    }));
+  } else if (unmapped.length > 0 && !options.allowUnmapped) {
+    return E.left({ _tag: 'UnmappedWeights', weights: unmapped.map((x) => ({ id: x.id, reason: reasonOf(x.expr) })), unaccounted });
+  }
+  for (const name of unaccounted) pinned.push({ name, kind: 'unread', digest: valueDigest(index.get(name)!.data), reason: 'the exported graph does not read it, so no engine weight depends on it' });
+
   const sources = [...users.keys()].sort().map((name) => {
     const info = checkpoint.tensors.get(name)!;
     return { name, dtype: info.dtype, shape: [...info.shape] };
@@ -364,10 +561,11 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
   return E.right({
     version: 1,
     sources,
-    targets,
+    targets: finalTargets,
     unused: [...checkpoint.tensors.keys()].filter((n) => !users.has(n)).sort(),
     ties: ties.sort((a, b) => (a.target < b.target ? -1 : a.target > b.target ? 1 : 0)),
     tied: [...users].filter(([, ids]) => ids.length > 1).map(([source, ids]) => ({ source, targets: ids })).sort((a, b) => (a.source < b.source ? -1 : 1)),
+    pinned: pinned.sort((a, b) => (a.name < b.name ? -1 : 1)),
   });
 };
 

@@ -4,23 +4,49 @@
  * fingerprints (fingerprint.ts) of the value and of its candidate transforms: identity or reshape,
  * transpose, slices and concatenations along the leading axis (a row index of the checkpoint), and
  * BatchNorm folds over the checkpoint's conv/bn pairs of matching shapes. Every candidate is confirmed
- * element by element (folds: within float32 rounding, see FOLD_TOLERANCE). Ties between equal-valued
- * checkpoint tensors are broken by similarity of names to hints (module scopes of the consuming nodes,
- * the initializer's name) and reported.
+ * element by element (folds: within float32 rounding, see FOLD_TOLERANCE).
+ *
+ * Equal-valued candidates are never settled by guessing (name similarity, alphabetical order): evidence
+ * decides, in order: the names that belong to this use of the value (the initializer's own name when no
+ * other use shares it, the names of Identity nodes that alias it), then the module paths of the nodes
+ * that read it (`<module>.<suffix>` must name the candidate exactly), then structure (a BatchNorm that
+ * follows its convolution in the same module). Candidates with more than two distinct values that stay
+ * equal are one tensor stored twice (tied weights): either serves, and the others are recorded so a
+ * checkpoint where they differ is refused. Anything else is Ambiguous, for the user to settle (a map file).
  */
 import { transposeF32, bnScale, type F32Tensor } from './evaluate.js';
 import { type Expr, source } from './expr.js';
 import { fingerprint, hashRange, sameValues } from './fingerprint.js';
 import { isFloatDtype, type TensorStore } from './store.js';
 
-export type MatchMethod = 'name' | 'normalized-name' | 'value' | 'transpose' | 'rows' | 'bn-fold' | 'name-only';
+export type MatchMethod = 'name' | 'normalized-name' | 'value' | 'transpose' | 'rows' | 'bn-fold' | 'name-only' | 'map-file' | 'gather';
+
+/** What settled a choice among equal-valued candidates. */
+export type EvidenceKind = 'name' | 'alias' | 'scope' | 'module-order' | 'tied' | 'map-file';
+
+export interface Settlement {
+  readonly chosen: string;
+  readonly by: EvidenceKind;
+  /** Every equal-valued candidate, the chosen one included. */
+  readonly candidates: readonly string[];
+}
 
 export interface Match {
   readonly expr: Expr;
   readonly method: MatchMethod;
-  /** Equal candidates that lost the tie-break (empty when the match was unique). */
+  /** Equal candidates that were not chosen (empty when the match was unique). */
   readonly alternatives: readonly string[];
+  /** How equal-valued candidates were told apart (absent when there was one candidate). */
+  readonly settled?: readonly Settlement[];
 }
+
+/** Equal-valued candidates that the evidence cannot separate. */
+export interface Ambiguity {
+  readonly ambiguous: true;
+  readonly candidates: readonly string[];
+}
+
+export const isAmbiguity = <T extends object>(m: T | Ambiguity | undefined): m is Ambiguity => m !== undefined && 'ambiguous' in m;
 
 /** Prefixes that wrappers add to parameter names (DataParallel, torch.compile, HF base models, PEFT). */
 export const WRAPPER_PREFIXES: readonly string[] = ['module.', '_orig_mod.', 'base_model.model.', 'model.'];
@@ -75,7 +101,8 @@ const compare = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
 const rowsOf = (shape: readonly number[]): { rows: number; width: number } =>
   shape.length >= 2 ? { rows: shape[0], width: count(shape.slice(1)) } : { rows: 1, width: count(shape) };
 
-/** Scores a candidate name against one group of hints: shared leading dotted components, then the role's suffix. */
+/** Scores a candidate name against hints: shared leading dotted components, then the role's suffix.
+ *  Used only to order reports, never to choose. */
 export const nameScore = (candidate: string, hints: readonly string[], suffix?: string): number => {
   const c = normalizeName(candidate).split('.');
   let best = 0;
@@ -89,19 +116,119 @@ export const nameScore = (candidate: string, hints: readonly string[], suffix?: 
   return best + (suffix !== undefined && c[c.length - 1] === suffix ? 1 : 0);
 };
 
-/** Scores against hint groups in priority order (a later group only breaks ties of the earlier ones). */
-const groupScores = (candidate: string, groups: readonly (readonly string[])[], suffix?: string): number[] =>
-  groups.map((g) => nameScore(candidate, g, suffix));
-
-const compareScores = (a: readonly number[], b: readonly number[]): number => {
-  for (let i = 0; i < Math.max(a.length, b.length); i++) if ((a[i] ?? 0) !== (b[i] ?? 0)) return (b[i] ?? 0) - (a[i] ?? 0);
-  return 0;
+/** A value is degenerate when it holds at most two distinct values (a fill, a mask, a fresh init):
+ *  equal degenerate tensors are different parameters that happen to agree, never proof of a tie. */
+export const isDegenerate = (data: Float32Array): boolean => {
+  if (data.length <= 1) return true;
+  const first = data[0];
+  let second: number | undefined;
+  for (let i = 1; i < data.length; i++) {
+    const x = data[i];
+    if (x === first || Object.is(x, first) || x === second) continue;
+    if (second === undefined) second = x;
+    else return false;
+  }
+  return true;
 };
 
-/** Picks the best of equal candidates: highest name scores (group by group), then the first by name. */
-export const pickByHints = (names: readonly string[], groups: readonly (readonly string[])[], suffix?: string): { chosen: string; alternatives: string[] } => {
-  const scored = [...new Set(names)].map((n) => ({ n, s: groupScores(n, groups, suffix) })).sort((a, b) => compareScores(a.s, b.s) || compare(a.n, b.n));
-  return { chosen: scored[0].n, alternatives: scored.slice(1).map((x) => x.n) };
+/** What identifies one use of a value: its own names, and the module paths of its readers. */
+export interface Evidence {
+  /** Names that belong to this use alone: the initializer's name when it is not shared. */
+  readonly names: readonly string[];
+  /** Names of Identity nodes that alias this use (legacy exports recreate shared parameters this way). */
+  readonly aliases: readonly string[];
+  /** Module paths of the nodes that read this use. */
+  readonly scopes: readonly string[];
+}
+
+export const noEvidence: Evidence = { names: [], aliases: [], scopes: [] };
+
+const parentOf = (name: string): string => {
+  const i = name.lastIndexOf('.');
+  return i < 0 ? '' : name.slice(0, i);
+};
+
+/**
+ * Chooses among equal-valued candidates by evidence only. `degenerate`: the shared value is a fill, so
+ * equal candidates are not a tie. Returns the settlement, or the candidates when nothing decides.
+ */
+export const settle = (
+  candidates: readonly string[],
+  evidence: Evidence,
+  suffix: string | undefined,
+  degenerate: boolean,
+  prefixes: readonly string[] = WRAPPER_PREFIXES,
+): Settlement | Ambiguity => {
+  const unique = [...new Set(candidates)].sort(compare);
+  const norm = (n: string) => normalizeName(n, prefixes);
+  const pick = (set: ReadonlySet<string>): string[] => unique.filter((c) => set.has(norm(c)));
+  const byNames = pick(new Set(evidence.names.map(norm)));
+  if (byNames.length === 1) return { chosen: byNames[0], by: 'name', candidates: unique };
+  const byAlias = pick(new Set(evidence.aliases.map(norm)));
+  if (byAlias.length === 1) return { chosen: byAlias[0], by: 'alias', candidates: unique };
+  if (byNames.length === 0 && byAlias.length === 0 && evidence.scopes.length > 0) {
+    const scopes = new Set(evidence.scopes.map(norm));
+    // `<module>.<suffix>` names the parameter; without a role suffix, the parameter's module must be the scope.
+    const byScope = suffix !== undefined
+      ? unique.filter((c) => scopes.has(parentOf(norm(c))) && norm(c).endsWith(`.${suffix}`))
+      : unique.filter((c) => scopes.has(parentOf(norm(c))));
+    if (byScope.length === 1) return { chosen: byScope[0], by: 'scope', candidates: unique };
+  }
+  if (!degenerate) return { chosen: unique[0], by: 'tied', candidates: unique };
+  return { ambiguous: true, candidates: unique };
+};
+
+/**
+ * A lone equal-valued candidate for a degenerate value (zeros, ones) is only as good as the evidence
+ * around it: a fill the exporter wrote (a mask, a scale) can equal one checkpoint tensor by chance. It is
+ * taken when the evidence names it, or when there is no module scope to say otherwise; a reader whose
+ * scope is another module contradicts it.
+ */
+export const corroborated = (candidate: string, evidence: Evidence, suffix: string | undefined, prefixes: readonly string[] = WRAPPER_PREFIXES): boolean => {
+  const norm = (n: string) => normalizeName(n, prefixes);
+  const c = norm(candidate);
+  if ([...evidence.names, ...evidence.aliases].some((n) => norm(n) === c)) return true;
+  if (evidence.scopes.length === 0) return true;
+  const module = parentOf(c);
+  return evidence.scopes.some((scope) => {
+    const sc = norm(scope);
+    return sc === module || module.startsWith(`${sc}.`) || sc.startsWith(`${module}.`);
+  }) && (suffix === undefined || c.endsWith(`.${suffix}`) || !/\.(weight|bias)$/.test(c));
+};
+
+/** The numeric position of a module in its parent (`stem.0` -> 0, `bn2` -> 2), if any. */
+const trailingNumber = (name: string): number | undefined => {
+  const m = /(\d+)$/.exec(name.slice(name.lastIndexOf('.') + 1));
+  return m ? Number(m[1]) : undefined;
+};
+
+/**
+ * Which BatchNorm was folded into a convolution, among groups with equal statistics: the one whose module
+ * is a reader's scope (the dynamo exporter names the fused node after the BatchNorm), else the one that
+ * follows the convolution in the same parent module (`P.k` -> `P.(k+1)` in a Sequential, `P.convN` ->
+ * `P.bnN`), when exactly one does.
+ */
+export const settleBatchNorm = (conv: string, groups: readonly string[], evidence: Evidence, prefixes: readonly string[] = WRAPPER_PREFIXES): Settlement | Ambiguity => {
+  const unique = [...new Set(groups)].sort(compare);
+  if (unique.length === 1) return { chosen: unique[0], by: 'name', candidates: unique };
+  const norm = (n: string) => normalizeName(n, prefixes);
+  const module = (prefix: string) => norm(prefix.endsWith('.') ? prefix.slice(0, -1) : prefix);
+  const scopes = new Set(evidence.scopes.map(norm));
+  const byScope = unique.filter((g) => scopes.has(module(g)));
+  if (byScope.length === 1) return { chosen: byScope[0], by: 'scope', candidates: unique };
+  const convModule = parentOf(norm(conv));
+  const parent = parentOf(convModule);
+  const index = trailingNumber(convModule);
+  const siblings = unique.filter((g) => parentOf(module(g)) === parent);
+  const isNumbered = /^\d+$/.test(convModule.slice(convModule.lastIndexOf('.') + 1));
+  const next = siblings.filter((g) => {
+    const own = module(g);
+    const last = own.slice(own.lastIndexOf('.') + 1);
+    return isNumbered ? last === String((index ?? -2) + 1) : index !== undefined && trailingNumber(own) === index && !/^\d+$/.test(last);
+  });
+  if (next.length === 1) return { chosen: next[0], by: 'module-order', candidates: unique };
+  if (siblings.length === 1 && index === undefined) return { chosen: siblings[0], by: 'module-order', candidates: unique };
+  return { ambiguous: true, candidates: unique };
 };
 
 export interface MatchRequest {
@@ -110,11 +237,14 @@ export interface MatchRequest {
   readonly value: F32Tensor;
   /** Try the name first (false for values whose graph name is known to be shared or synthetic). */
   readonly byName: boolean;
-  /** Names that resemble the right checkpoint tensor (module scopes, the graph name), in groups by priority. */
-  readonly hints: readonly (readonly string[])[];
-  /** The last name component the checkpoint tensor likely has (`weight`, `bias`). */
+  /** What identifies this use among equal-valued candidates. */
+  readonly evidence: Evidence;
+  /** The last name component the checkpoint tensor has for the weight's role (`weight`, `bias`). */
   readonly suffix?: string;
 }
+
+/** Shapes agree when they are equal once size-1 axes are dropped (a bias [C] read as [1, C, 1, 1]). */
+const compatibleShapes = (a: readonly number[], b: readonly number[]): boolean => sameShape(a.filter((d) => d !== 1), b.filter((d) => d !== 1));
 
 /** An index of a checkpoint's float tensors for matching; built once per weight map. */
 export class CheckpointIndex {
@@ -191,6 +321,11 @@ export class CheckpointIndex {
     });
   }
 
+  /** Checkpoint tensors holding exactly these values in a compatible shape (tied copies of a tensor). */
+  equalTensors(v: F32Tensor): string[] {
+    return this.equal(v).filter((n) => compatibleShapes(this.values.get(n)!.shape, v.shape));
+  }
+
   private byName(req: MatchRequest): Match | undefined {
     const exact = this.values.get(req.name);
     const consider = (name: string, method: MatchMethod): Match | undefined => {
@@ -216,31 +351,43 @@ export class CheckpointIndex {
     return undefined;
   }
 
-  private rowsCover(v: F32Tensor, req: MatchRequest): Expr | undefined {
+  private rowsCover(v: F32Tensor, req: MatchRequest): { expr: Expr; settled: Settlement[] } | Ambiguity | undefined {
     const n = v.data.length;
     for (const width of this.widths) {
       if (n % width !== 0) continue;
       const index = this.rowIndex(width);
       const rows = n / width;
       const pieces: Expr[] = [];
+      const settled: Settlement[] = [];
       let i = 0;
       while (i < rows) {
         const cands = index.get(hashRange(v.data, i * width, (i + 1) * width)) ?? [];
-        let best: { entry: RowEntry; len: number; score: number[] } | undefined;
+        let bestLen = 0;
+        const runs: { entry: RowEntry; len: number }[] = [];
         for (const entry of cands) {
           const t = this.values.get(entry.name)!;
           const available = rowsOf(t.shape).rows - entry.row;
           let len = 0;
           while (len < available && i + len < rows && sameValues(t.data, (entry.row + len) * width, v.data, (i + len) * width, width)) len++;
           if (len === 0) continue;
-          const score = groupScores(entry.name, req.hints, req.suffix);
-          const order = best === undefined ? -1 : len !== best.len ? best.len - len : compareScores(score, best.score) || compare(entry.name, best.entry.name);
-          if (order < 0) best = { entry, len, score };
+          runs.push({ entry, len });
+          bestLen = Math.max(bestLen, len);
         }
-        if (!best) {
+        const longest = runs.filter((r) => r.len === bestLen);
+        if (longest.length === 0) {
           pieces.length = 0;
           break;
         }
+        const names = [...new Set(longest.map((r) => r.entry.name))];
+        let chosen = names[0];
+        if (names.length > 1) {
+          const piece = v.data.subarray(i * width, (i + bestLen) * width);
+          const s = settle(names, req.evidence, req.suffix, isDegenerate(piece), this.prefixes);
+          if (isAmbiguity(s)) return s;
+          settled.push(s);
+          chosen = s.chosen;
+        }
+        const best = longest.filter((r) => r.entry.name === chosen).sort((a, b) => a.entry.row - b.entry.row)[0];
         const t = this.values.get(best.entry.name)!;
         const total = rowsOf(t.shape).rows;
         const flat = this.reshapeTo(source(best.entry.name), t.shape, [total, width]);
@@ -249,32 +396,47 @@ export class CheckpointIndex {
       }
       if (pieces.length === 0) continue;
       const joined: Expr = pieces.length === 1 ? pieces[0] : { op: 'concat', axis: 0, xs: pieces };
-      return this.reshapeTo(joined, [rows, width], v.shape);
+      return { expr: this.reshapeTo(joined, [rows, width], v.shape), settled };
     }
     return undefined;
   }
 
-  private foldWeight(v: F32Tensor, req: MatchRequest): { expr: Expr; conv: string; bn: BnGroup; epsilon: number } | undefined {
+  private foldWeight(v: F32Tensor, req: MatchRequest): { expr: Expr; conv: string; bn: BnGroup; epsilon: number; settled: Settlement[] } | Ambiguity | undefined {
     if (v.shape.length < 2) return undefined;
     const channels = v.shape[0];
     const inner = v.data.length / channels;
     const convs = [...this.values].filter(([, t]) => sameShape(t.shape, v.shape)).map(([n]) => n);
-    const found: { expr: Expr; conv: string; bn: BnGroup; epsilon: number; score: number[] }[] = [];
-    for (const bn of this.bnGroups) {
-      if (bn.channels !== channels) continue;
-      for (const epsilon of BN_EPSILONS) {
+    const found: { conv: string; bn: BnGroup; epsilon: number }[] = [];
+    for (const epsilon of BN_EPSILONS) {
+      for (const bn of this.bnGroups) {
+        if (bn.channels !== channels) continue;
         const s = bnScale(this.values.get(bn.gamma)!.data, this.values.get(bn.variance)!.data, epsilon);
-        for (const conv of convs) {
-          const w = this.values.get(conv)!.data;
-          if (!foldClose(w, s, inner, v.data)) continue;
-          const expr: Expr = { op: 'bnFoldWeight', weight: source(conv), gamma: source(bn.gamma), variance: source(bn.variance), epsilon };
-          found.push({ expr, conv, bn, epsilon, score: groupScores(conv, req.hints, 'weight') });
-        }
-        if (found.length > 0) break;
+        for (const conv of convs) if (foldClose(this.values.get(conv)!.data, s, inner, v.data)) found.push({ conv, bn, epsilon });
       }
+      if (found.length > 0) break;
     }
-    found.sort((a, b) => compareScores(a.score, b.score) || compare(a.conv, b.conv));
-    return found[0];
+    if (found.length === 0) return undefined;
+    const settled: Settlement[] = [];
+    const convNames = [...new Set(found.map((f) => f.conv))];
+    let conv = convNames[0];
+    if (convNames.length > 1) {
+      const s = settle(convNames, req.evidence, 'weight', isDegenerate(v.data), this.prefixes);
+      if (isAmbiguity(s)) return s;
+      settled.push(s);
+      conv = s.chosen;
+    }
+    const forConv = found.filter((f) => f.conv === conv);
+    const groups = [...new Set(forConv.map((f) => f.bn.prefix))];
+    let prefix = groups[0];
+    if (groups.length > 1) {
+      const s = settleBatchNorm(conv, groups, req.evidence, this.prefixes);
+      if (isAmbiguity(s)) return { ambiguous: true, candidates: s.candidates.map((g) => `${g}{weight,bias,running_mean,running_var}`) };
+      settled.push({ ...s, chosen: `${s.chosen}*`, candidates: s.candidates.map((g) => `${g}*`) });
+      prefix = s.chosen;
+    }
+    const f = forConv.find((x) => x.bn.prefix === prefix)!;
+    const expr: Expr = { op: 'bnFoldWeight', weight: source(conv), gamma: source(f.bn.gamma), variance: source(f.bn.variance), epsilon: f.epsilon };
+    return { expr, conv, bn: f.bn, epsilon: f.epsilon, settled };
   }
 
   /** A folded bias, given the fold found for the same convolution's weight. */
@@ -311,7 +473,31 @@ export class CheckpointIndex {
     return bn && { conv: e.weight.name, bn, epsilon: e.epsilon };
   }
 
-  match(req: MatchRequest): Match | undefined {
+  /** Equal-valued candidates for `v` (or its transpose), settled by the request's evidence. */
+  private byValue(v: F32Tensor, req: MatchRequest, transposed: boolean): Match | Ambiguity | undefined {
+    const target = transposed ? transposeF32(v, [1, 0]) : v;
+    const equal = this.equal(target).filter((n) => compatibleShapes(this.values.get(n)!.shape, target.shape));
+    if (equal.length === 0) return undefined;
+    let chosen = equal[0];
+    let settled: Settlement | undefined;
+    if (new Set(equal).size === 1 && isDegenerate(v.data) && !corroborated(chosen, req.evidence, req.suffix, this.prefixes)) return undefined;
+    if (new Set(equal).size > 1) {
+      const s = settle(equal, req.evidence, req.suffix, isDegenerate(v.data), this.prefixes);
+      if (isAmbiguity(s)) return s;
+      settled = s;
+      chosen = s.chosen;
+    }
+    const t = this.values.get(chosen)!;
+    const base = this.reshapeTo(source(chosen), t.shape, target.shape);
+    return {
+      expr: transposed ? { op: 'transpose', perm: [1, 0], x: base } : base,
+      method: transposed ? 'transpose' : 'value',
+      alternatives: equal.filter((n) => n !== chosen),
+      ...(settled ? { settled: [settled] } : {}),
+    };
+  }
+
+  match(req: MatchRequest): Match | Ambiguity | undefined {
     const v = req.value;
     let nameOnly: Match | undefined;
     if (req.byName) {
@@ -319,29 +505,23 @@ export class CheckpointIndex {
       if (m && m.method !== 'name-only') return m;
       nameOnly = m;
     }
-    const equal = this.equal(v);
-    if (equal.length > 0) {
-      const { chosen, alternatives } = pickByHints(equal, req.hints, req.suffix);
-      return { expr: this.reshapeTo(source(chosen), this.values.get(chosen)!.shape, v.shape), method: 'value', alternatives };
-    }
+    const direct = this.byValue(v, req, false);
+    if (direct) return direct;
     if (v.shape.length === 2) {
-      const vt = transposeF32(v, [1, 0]);
-      const equalT = this.equal(vt);
-      if (equalT.length > 0) {
-        const { chosen, alternatives } = pickByHints(equalT, req.hints, req.suffix);
-        const t = this.values.get(chosen)!;
-        return { expr: { op: 'transpose', perm: [1, 0], x: this.reshapeTo(source(chosen), t.shape, vt.shape) }, method: 'transpose', alternatives };
-      }
+      const t = this.byValue(v, req, true);
+      if (t) return t;
     }
     const rows = this.rowsCover(v, req);
-    if (rows) return { expr: rows, method: 'rows', alternatives: [] };
+    if (isAmbiguity(rows)) return rows;
+    if (rows) return { expr: rows.expr, method: 'rows', alternatives: [], ...(rows.settled.length > 0 ? { settled: rows.settled } : {}) };
     if (v.shape.length === 2) {
-      const vt = transposeF32(v, [1, 0]);
-      const rowsT = this.rowsCover(vt, req);
-      if (rowsT) return { expr: { op: 'transpose', perm: [1, 0], x: rowsT }, method: 'rows', alternatives: [] };
+      const rowsT = this.rowsCover(transposeF32(v, [1, 0]), req);
+      if (isAmbiguity(rowsT)) return rowsT;
+      if (rowsT) return { expr: { op: 'transpose', perm: [1, 0], x: rowsT.expr }, method: 'rows', alternatives: [], ...(rowsT.settled.length > 0 ? { settled: rowsT.settled } : {}) };
     }
     const fold = this.foldWeight(v, req);
-    if (fold) return { expr: fold.expr, method: 'bn-fold', alternatives: [] };
+    if (isAmbiguity(fold)) return fold;
+    if (fold) return { expr: fold.expr, method: 'bn-fold', alternatives: [], ...(fold.settled.length > 0 ? { settled: fold.settled } : {}) };
     return nameOnly;
   }
 }

@@ -34,11 +34,19 @@ export const parseNameScopes = (value: string): string | undefined => {
   return modules.length > 0 ? modules[modules.length - 1] : undefined;
 };
 
-/** `/encoder/layer.0/attention/self/query/MatMul` -> `encoder.layer.0.attention.self.query`. */
+/** `/encoder/layer.0/attention/self/query/MatMul` -> `encoder.layer.0.attention.self.query`. A component
+ *  that repeats its parent's name with an index (`/stem/stem.0/Conv`, a Sequential's child) replaces it:
+ *  `stem.0`, as the parameter is named `stem.0.weight`. */
 export const legacyScope = (nodeName: string): string | undefined => {
   if (!nodeName.startsWith('/')) return undefined;
   const parts = nodeName.split('/').filter((p) => p !== '');
-  return parts.length > 1 ? parts.slice(0, -1).join('.') : undefined;
+  if (parts.length <= 1) return undefined;
+  const path: string[] = [];
+  for (const part of parts.slice(0, -1)) {
+    if (path.length > 0 && part.startsWith(`${path[path.length - 1]}.`)) path[path.length - 1] = part;
+    else path.push(part);
+  }
+  return path.join('.');
 };
 
 export type NodeScopes = ReadonlyMap<string, string>;

@@ -28,7 +28,8 @@ const main = async () => {
   using file = await openSafetensors(checkpoint);
   engine.info(); // bind what the reload calls before measuring
   gc();
-  const peak = new SharedArrayBuffer(16);
+  // cells: [0] peak RssAnon seen, [1] stop flag, [2] samples taken (the handshake: no sleeps).
+  const peak = new SharedArrayBuffer(24);
   const cells = new Float64Array(peak);
   // The sampler allocates nothing per sample (one buffer, pread of /proc/self/status, digits parsed by
   // hand), so its own garbage does not show up as growth.
@@ -42,16 +43,20 @@ const main = async () => {
        if (at < 0 || at >= n) continue;
        let v = 0; for (let i = at + key.length; i < n; i++) { const c = buf[i]; if (c >= 48 && c <= 57) v = v * 10 + (c - 48); else if (v > 0) break; }
        v *= 1024; if (v > cells[0]) cells[0] = v;
+       cells[2] += 1;
      }`,
     { eval: true, workerData: peak },
   );
-  await new Promise((r) => setTimeout(r, 200)); // the sampler runs
+  const tick = () => new Promise((r) => setImmediate(r));
+  while (cells[2] === 0) await tick(); // the sampler runs: it has taken a sample
   const before = Math.max(rssAnon(), cells[0]);
   cells[0] = before;
   const t0 = process.hrtime.bigint();
   const summary = reloadCheckpoint(engine, file);
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  await new Promise((r) => setTimeout(r, 50));
+  // Two more complete samples after the reload returned, so what it left behind is seen too.
+  const taken = cells[2];
+  while (cells[2] < taken + 2) await tick();
   cells[1] = 1;
   await sampler.terminate();
   process.stdout.write(JSON.stringify({ peakGrowth: cells[0] - before, seconds, summary, weightBytes: engine.info().weightBytes }));

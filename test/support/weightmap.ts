@@ -1,6 +1,6 @@
 /** Helpers for the weight map, plan and LoRA tests: fixtures traced for refit, a refittable reference
  *  engine, and applying a map's expressions to a model. */
-import { readFileSync, existsSync } from 'node:fs';
+import { readFileSync, existsSync, readdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
 import { decodeOnnx } from '../../src/trace/decode.js';
@@ -22,9 +22,38 @@ import { fixturesDir } from './safetensors.js';
 
 export { fixturesDir };
 
-export const fixtureModels = (): { model: string; file: string; path: string }[] =>
-  ['mlp', 'cnn_bn', 'bert_tiny', 'gpt2_tiny'].flatMap((model) =>
-    ['model_dynamo.onnx', 'model_legacy.onnx'].map((file) => ({ model, file, path: join(fixturesDir, model, file) })).filter((f) => existsSync(f.path)));
+/** Every fixture folder (one with a meta.json) under ../shared/fixtures, sorted. */
+export const fixtureFolders = (): string[] =>
+  readdirSync(fixturesDir, { withFileTypes: true })
+    .filter((d) => d.isDirectory() && existsSync(join(fixturesDir, d.name, 'meta.json')))
+    .map((d) => d.name)
+    .sort();
+
+/** The four models the fixtures folder first held; tests written for exactly these name them. */
+export const originalFixtures: readonly string[] = ['mlp', 'cnn_bn', 'bert_tiny', 'gpt2_tiny'];
+
+export interface FixtureModel {
+  readonly model: string;
+  readonly file: 'model_dynamo.onnx' | 'model_legacy.onnx';
+  readonly exporter: 'dynamo' | 'legacy';
+  /** The ONNX file. */
+  readonly path: string;
+  /** The fixture folder. */
+  readonly dir: string;
+  /** The PEFT adapter folder, where the fixture has one. */
+  readonly lora: string | undefined;
+}
+
+/** The ONNX files of the given fixture folders (default: every folder with a meta.json), dynamo and
+ *  legacy where present. */
+export const fixtureModels = (models: readonly string[] = fixtureFolders()): FixtureModel[] =>
+  models.flatMap((model) => {
+    const dir = join(fixturesDir, model);
+    const lora = existsSync(join(dir, 'lora')) ? join(dir, 'lora') : undefined;
+    return (['dynamo', 'legacy'] as const)
+      .map((exporter) => ({ model, file: `model_${exporter}.onnx` as const, exporter, path: join(dir, `model_${exporter}.onnx`), dir, lora }))
+      .filter((f) => existsSync(f.path));
+  });
 
 export interface Traced {
   readonly analyzed: AnalyzedGraph;
