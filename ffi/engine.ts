@@ -9,6 +9,7 @@ import { readFileSync } from 'node:fs';
 import type { NetworkDefinition, Weights, WeightRole } from '../src/network/types.js';
 import { call, check, DType, dtypeName, MAX_RANK, native, NativeError, Role, roleName, Status, type NativeFunctionName } from './library.js';
 import { lowerNetwork, nativeWeights } from './network.js';
+import type { HeldForm } from '../src/verify/expected.js';
 
 export type HostTensor = Float32Array | Int32Array | BigInt64Array;
 export type WeightPrecision = 'float32' | 'float16' | 'bfloat16';
@@ -276,6 +277,26 @@ export class Engine implements Disposable {
     call('trtshim_engine_weight_digests', h, out, options.numThreads ?? 0);
     const hex = (x: bigint) => x.toString(16).padStart(16, '0');
     return new Map(list.map((w, i) => [`${w.layer}\u0000${w.role}`, `c1:${hex(out[2 * i])}${hex(out[2 * i + 1])}`]));
+  }
+
+  /** How the engine holds every refittable weight (keyed like weightDigests): the `held` argument of
+   *  heldValueDigest (src/verify/expected.ts), so the digest expected for given network-level values can be
+   *  told from the engine alone: precision, kernel format, and for a weight read back from a packed GEMM or
+   *  convolution operand its layout (trtshim_engine_weight_held). */
+  heldForms(): Map<string, HeldForm> {
+    const h = this.#handle.get();
+    const precision = this.info().weightPrecision as WeightPrecision;
+    return new Map(
+      this.kernelFormats().map((kernel, i): [string, HeldForm] => {
+        const packed = [0];
+        const transposed = [0];
+        const channels: unknown[] = [0];
+        const depth: unknown[] = [0];
+        call('trtshim_engine_weight_held', h, i, packed, transposed, channels, depth);
+        const layout = packed[0] !== 0 ? { packed: { transposed: transposed[0] !== 0, channels: num(channels[0]), depth: num(depth[0]) } } : {};
+        return [`${kernel.layer}\u0000${kernel.role}`, { precision, kernel, ...layout }];
+      }),
+    );
   }
 
   describe(): unknown {

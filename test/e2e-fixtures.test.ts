@@ -7,12 +7,15 @@
  *  must fail naming that operator, and it must be on the reviewed list below. Any other failure (wrong
  *  outputs, unmapped weights, an unsupported operator nobody listed) fails its test. */
 import { describe, expect, it } from 'vitest';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { compile, CompileError } from '../src/compile/index.js';
 import { refitModel } from '../src/effect/index.js';
 import { readModelFile, writeModelFile } from '../src/model/index.js';
 import { coverage } from '../src/weightmap/map.js';
+import { GraphBuilder } from '../src/trace/builder.js';
+import { encodeSegmentModel } from '../src/fallback/model.js';
+import { writeSafetensors } from '../src/safetensors/index.js';
 import { readSafetensors } from './support/h5-safetensors.js';
 import { expectClose } from './support/h5-close.js';
 import { fixtureFolders, fixtureModels, fixturesDir, type FixtureModel } from './support/weightmap.js';
@@ -53,6 +56,21 @@ describe('every fixture folder is found', () => {
 
   it('the list of expected-unsupported fixtures names only fixtures that exist', () => {
     for (const key of Object.keys(expectedUnsupported)) expect(fixtures.map(keyOf), key).toContain(key);
+  });
+
+  it('a compile that meets an operator the engine lacks says so, as this file recognises it', async () => {
+    const b = new GraphBuilder('unsupported', 17);
+    const x = b.input('x', 'float32', [2, 3]);
+    const y = b.op('NoSuchOperator', [x]);
+    b.output(y);
+    const g = b.build();
+    using files = temporaryDirectory();
+    const onnx = join(files.path, 'unsupported.onnx');
+    writeFileSync(onnx, encodeSegmentModel({ name: 'unsupported', opset: 17, nodes: g.nodes, inputs: [{ name: 'x', type: { dtype: 'float32', shape: [2, 3] } }], outputs: [{ name: y, type: { dtype: 'float32', shape: [2, 3] } }], initializers: new Map() }));
+    const weights = join(files.path, 'weights.safetensors');
+    await writeSafetensors(weights, []);
+    const error = await compile(onnx, weights).then(() => undefined, (e: unknown) => e);
+    expect(unsupportedOperator(error), String(error)).toBe('NoSuchOperator');
   });
 });
 

@@ -208,12 +208,14 @@ describe.skipIf(!nativeDigests)('read-back on the native engines (default capabi
     expect(outputBytes(await model.run(inputs))).not.toEqual(after);
   });
 
-  it('a float16 engine: weights held exactly (norms, biases) are compared, packed kernels are counted as not verifiable', async () => {
-    using model = await compile(models.gpt2.onnx, join(dirOf('gpt2'), 'weights_v1.safetensors'), { weightPrecision: 'float16' });
-    using v2 = await openCheckpoint(join(dirOf('gpt2'), 'weights_v2.safetensors'));
-    const report = await executePlan(model, planRefit(model.weightMap, v2, { current: model.current }), v2);
-    expect(report.readback.verified).toBe(false);
-    expect(report.readback.targets).toBeGreaterThan(0);
-    expect(report.readback.unverifiable).toBeGreaterThan(0);
+  it('float16 and int8 engines: packed kernels are compared as the engine holds them (rounded, quantized), like every other weight', async () => {
+    for (const options of [{ weightPrecision: 'float16' as const }, { weightFormat: { kind: 'int8' as const } }]) {
+      using model = await compile(models.gpt2.onnx, join(dirOf('gpt2'), 'weights_v1.safetensors'), options);
+      using v2 = await openCheckpoint(join(dirOf('gpt2'), 'weights_v2.safetensors'));
+      const plan = planRefit(model.weightMap, v2, { current: model.current });
+      const report = await executePlan(model, plan, v2);
+      expect(report.readback, JSON.stringify(options)).toMatchObject({ verified: true, unverifiable: 0 });
+      expect(report.readback.targets).toBe(plan.entries.filter((e) => e.changed && e.kind === 'engine').length);
+    }
   });
 });

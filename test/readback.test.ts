@@ -2,14 +2,16 @@
  * Read-back verification (Engine.weightDigests) against the TypeScript oracle (heldValueDigest): on random
  * networks at every precision and kernel format the engine reports the digests of the values it was built
  * with as it holds them, then those of the refitted values; a stripped engine refuses until it is filled;
- * a streaming engine reports the same digests at any budget.
+ * a streaming engine reports the same digests at any budget; Engine.heldForms() agrees with the layouts
+ * packedLayouts(net) derives from the network; kernels staged already quantized read back dequantized.
  */
 import { describe, expect, it } from 'vitest';
 import { fc, test } from '@fast-check/vitest';
 import { buildEngine, Engine, NativeError, Status, type BuildOptions, type WeightPrecision } from '../ffi/index.js';
-import type { KernelFormat } from '../ffi/engine.js';
+import type { KernelFormat, QuantizedWeights } from '../ffi/engine.js';
 import { networkWeights, type NetworkDefinition } from '../src/network/types.js';
-import { expectedHeldDigests } from '../src/verify/expected.js';
+import { expectedHeldDigests, heldQuantizedDigest, heldValueDigest, networkValues, packedLayouts } from '../src/verify/expected.js';
+import { packInt4, quantize } from '../src/quant/reference.js';
 import { valueDigest } from '../src/weightmap/digest.js';
 import { allUpdates, anyNetwork, families, floatValues, reweight } from './support/networks.js';
 
@@ -69,6 +71,51 @@ describe('weightDigests() == heldValueDigest of the values built with, then refi
       expect(sorted(engine.weightDigests())).toEqual(sorted(expectedDigests(engine, netB, c.precision)));
     },
   );
+});
+
+describe('heldForms(): how the engine holds each weight', () => {
+  test.prop([anyNetwork(), fc.constantFrom(...configs)], { numRuns: runs(40) })('agrees with packedLayouts(net) and gives the digests read back', (n, c) => {
+    using engine = buildEngine(n.net, optionsOf(c));
+    const forms = engine.heldForms();
+    const layouts = packedLayouts(n.net);
+    for (const [k, form] of forms) expect([k, form.packed]).toEqual([k, layouts.get(k)]);
+    expect(forms.size).toBe(networkWeights(n.net).length);
+    const fromEngine = new Map(networkWeights(n.net).map((w) => [key(w.layer, w.role), heldValueDigest(networkValues(w.weights), forms.get(key(w.layer, w.role))!)]));
+    expect(sorted(engine.weightDigests())).toEqual(sorted(fromEngine));
+  });
+});
+
+describe('kernels staged already quantized', () => {
+  const formats = fc.constantFrom(...configs.filter((c) => c.format !== undefined));
+  test.prop([families.mlp(), formats, seed], { numRuns: runs(20) })('read back as value(q) * scale', (n, c, seedB) => {
+    using engine = buildEngine(n.net, optionsOf(c));
+    const forms = engine.heldForms();
+    const netB = reweight(n.net, seedB);
+    const staged = new Map<string, QuantizedWeights>();
+    {
+      using refitter = engine.createRefitter();
+      for (const w of networkWeights(netB)) {
+        const form = forms.get(key(w.layer, w.role))!;
+        if (form.packed === undefined) {
+          refitter.setWeights(w.layer, w.role, w.weights);
+          continue;
+        }
+        const g = { channels: form.packed.channels, depth: form.packed.depth, transposed: form.packed.transposed };
+        const format = { kind: c.format!, groupSize: c.group ?? 128 } as const;
+        const q = quantize(format, floatValues(w.weights), g);
+        const values = c.format === 'int4' ? packInt4(q.values as Int8Array, g) : q.values;
+        const qw: QuantizedWeights = { format: c.format!, groupSize: c.group ?? 128, values, scales: q.scales };
+        refitter.setQuantizedWeights(w.layer, w.role, qw);
+        staged.set(key(w.layer, w.role), qw);
+      }
+      refitter.apply();
+    }
+    expect(staged.size).toBeGreaterThan(0);
+    const digests = engine.weightDigests();
+    for (const [k, qw] of staged) expect([k, digests.get(k)]).toEqual([k, heldQuantizedDigest(qw, forms.get(k)!)]);
+    // dequantize(quantize(w)) is what a float refit of the same values holds too
+    expect(sorted(digests)).toEqual(sorted(expectedDigests(engine, netB, c.precision)));
+  });
 });
 
 describe('a stripped engine', () => {

@@ -313,8 +313,11 @@ describe('ambiguous weights: equal-valued candidates structure cannot separate',
     await writeTensors(v1Path, checkpoint(zeros.data as Float32Array, zeros.data as Float32Array));
     const model = join(dir.path, 'ambiguous.trtr');
 
+    // A refused compile leaves what was at the output path as it was.
+    writeFileSync(model, 'previous contents');
     const refused = await runCli(['compile', onnx, '--weights', v1Path, '-o', model, '--no-cache']);
     expectRefusedLine(refused, new RegExp(`(?=.*${names.b0})(?=.*${names.b1})`));
+    expect(readFileSync(model, 'utf8')).toBe('previous contents');
     expect(weightIds(refused.stderr).length, refused.stderr).toBeGreaterThan(0);
     // Neither kernel is ambiguous: their values tell them apart.
     expect(refused.stderr).not.toMatch(new RegExp(`${names.k0}|${names.k1}`));

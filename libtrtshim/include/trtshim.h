@@ -577,6 +577,16 @@ TRTSHIM_API trtshim_status trtshim_mapping_advise(const trtshim_mapping *mapping
    the engine's own thread count. */
 TRTSHIM_API trtshim_status trtshim_engine_weight_digests(const trtshim_engine *engine, uint64_t *digests,
                                                          int32_t num_threads);
+/* How refittable weight `index` is held, which decides the digest trtshim_engine_weight_digests reports
+   for given network-level values. packed = 1: read back from a packed GEMM or convolution operand, so its
+   values are rounded to the engine's precision, or quantized and dequantized in the format
+   trtshim_engine_weight_format gives, with one scale per channel (int4: per channel and group of depth);
+   the weight is then `channels` x `depth`, declared [channels, depth] when transposed = 1 (a fully
+   connected or convolution kernel, a transposed constant operand), else [depth, channels]. packed = 0:
+   held as given (float32, or an integer constant's bytes), batch norm fold members included; the other
+   outputs are then 0. Any output may be null. Works on a stripped engine too. */
+TRTSHIM_API trtshim_status trtshim_engine_weight_held(const trtshim_engine *engine, int32_t index, int32_t *packed,
+                                                      int32_t *transposed, int64_t *channels, int64_t *depth);
 
 #ifdef __cplusplus
 }

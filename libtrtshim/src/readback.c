@@ -443,20 +443,26 @@ static int reads_weight(const unit *u, int32_t w) {
 }
 
 /* Chooses where weight w is read from; appends the checks its other holders need. */
-static trtshim_status plan_weight(trtshim_engine *e, int32_t w, held_weight *h, task *tasks, int32_t *num_tasks) {
-    const engine_weight *ew = &e->weights[w];
-    const unit *fold = NULL, *pack = NULL, *copy = NULL;
+/* The first fold, pack and float32 (or raw) copy unit that read weight w. */
+static void holders_of(const trtshim_engine *e, int32_t w, const unit **fold, const unit **pack, const unit **copy) {
+    *fold = *pack = *copy = NULL;
     for (int32_t i = 0; i < e->num_units; i++) {
         const unit *u = &e->units[i];
         if (!reads_weight(u, w)) continue;
         if (u->kind == UNIT_FOLD) {
-            if (!fold) fold = u;
+            if (!*fold) *fold = u;
         } else if (u->kind == UNIT_PACK_GEMM || u->kind == UNIT_PACK_CONV) {
-            if (!pack) pack = u;
-        } else if (!copy) {
-            copy = u;
+            if (!*pack) *pack = u;
+        } else if (!*copy) {
+            *copy = u;
         }
     }
+}
+
+static trtshim_status plan_weight(trtshim_engine *e, int32_t w, held_weight *h, task *tasks, int32_t *num_tasks) {
+    const engine_weight *ew = &e->weights[w];
+    const unit *fold, *pack, *copy;
+    holders_of(e, w, &fold, &pack, &copy);
     memset(h, 0, sizeof(*h));
     if (fold) {
         if (!e->retained_valid || !ew->retained)
@@ -574,4 +580,28 @@ trtshim_status trtshim_engine_weight_digests(const trtshim_engine *engine, uint6
     st = weight_digests(e, digests, num_threads);
     engine_end_read(e);
     return st;
+}
+
+trtshim_status trtshim_engine_weight_held(const trtshim_engine *engine, int32_t index, int32_t *packed,
+                                         int32_t *transposed, int64_t *channels, int64_t *depth) {
+    if (!engine) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_weight_held: engine is null");
+    trtshim_engine *e = (trtshim_engine *)engine;
+    int32_t n = e->refittable ? e->num_weights : 0;
+    if (index < 0 || index >= n)
+        return set_error(TRTSHIM_ERR_ARGUMENT, "engine_weight_held: index %d out of range (the engine has %d refittable "
+                         "weights)", index, n);
+    const unit *fold, *pack, *copy;
+    holders_of(e, index, &fold, &pack, &copy);
+    int is_packed = !fold && pack;
+    packed_view v;
+    memset(&v, 0, sizeof(v));
+    if (is_packed) {
+        trtshim_status st = view_of(e, pack, e->buffers[pack->buffer].data, &v);
+        if (st) return st;
+    }
+    if (packed) *packed = is_packed;
+    if (transposed) *transposed = is_packed ? v.transposed : 0;
+    if (channels) *channels = is_packed ? v.blocks * v.n : 0;
+    if (depth) *depth = is_packed ? v.K : 0;
+    return TRTSHIM_OK;
 }

@@ -326,6 +326,18 @@ static void test_config(const config_case *cc) {
     if (!e) return;
     compare_all(cc, e, "after build");
 
+    /* trtshim_engine_weight_held says which weights are read back from packed operands, and how. */
+    for (int c = 0; c < NUM_CASES; c++) {
+        int32_t packed = -1, transposed = -1;
+        int64_t channels = -1, depth = -1;
+        OK(trtshim_engine_weight_held(e, index_of(e, c), &packed, &transposed, &channels, &depth));
+        int want = cases[c].held == PACK_T || cases[c].held == PACK_N;
+        CHECK(packed == want && transposed == (cases[c].held == PACK_T) && channels == (want ? cases[c].n : 0) &&
+              depth == (want ? cases[c].k : 0), "%s: weight '%s' %d held as packed %d transposed %d, %lld x %lld",
+              cc->label, cases[c].name, (int)cases[c].role, packed, transposed, (long long)channels, (long long)depth);
+    }
+    CHECK(trtshim_engine_weight_held(e, NUM_CASES, NULL, NULL, NULL, NULL) == TRTSHIM_ERR_ARGUMENT, "index out of range");
+
     /* Refit with new values: the digests follow them. */
     fill(2);
     refit_all(e);

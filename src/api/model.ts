@@ -9,6 +9,7 @@ import * as TE from 'fp-ts/lib/TaskEither.js';
 import { pipe } from 'fp-ts/lib/function.js';
 import { compileTE as compileModelTE, nativeBuilder, type CompileCapabilities, type CompileOptions } from '../compile/compile.js';
 import type { RefitProgress } from '../effect/capabilities.js';
+import { fusedGroupsOf } from '../effect/groups.js';
 import type { VerifyOptions, RefitReport } from '../effect/effect.js';
 import { openWeightsTE, planFileTE, refitModelTE, type WeightsSpec } from '../effect/files.js';
 import { readModelFileTE, writeModelFileTE, type WriteSummary } from '../model/file.js';
@@ -184,7 +185,7 @@ export const planRefitTE = (model: Model | string, weights: WeightsInput): TE.Ta
     openWeightsTE(specOf(weights)),
     TE.map((opened) => {
       try {
-        return planPure(model.weightMap, opened.store, { current: model.compiled.current });
+        return planPure(model.weightMap, opened.store, { current: model.compiled.current, fusedGroups: fusedGroupsOf(model.compiled) });
       } finally {
         opened.close();
       }

@@ -8,7 +8,7 @@
  */
 import * as TE from 'fp-ts/lib/TaskEither.js';
 import type { CacheKey } from './key.js';
-import type { Blob, CacheEntry, CacheStore, MissReason } from './store.js';
+import type { Blob, CacheEntry, CacheStore, Lookup, MissReason } from './store.js';
 
 export interface CompileSteps<T> {
   /** Hash the model's structure (cheap: shapes, not values). */
@@ -17,6 +17,8 @@ export interface CompileSteps<T> {
   readonly build: () => Promise<{ readonly value: T; readonly blobs: readonly Blob[] }>;
   /** Turn a verified entry into the value (load stripped engines, refit them with the current weights). */
   readonly load: (entry: CacheEntry) => Promise<T>;
+  /** The key's lookup when the caller already made it (default: the store's get). */
+  readonly lookup?: (key: CacheKey) => Lookup | Promise<Lookup>;
 }
 
 export interface CompileTimings {
@@ -80,7 +82,7 @@ const compileWithCacheRaw = async <T>(cache: CacheStore | undefined, steps: Comp
   const key = await attempt('key', steps.key);
   const hashMs = ms(t0);
   t0 = process.hrtime.bigint();
-  const lookup = await attempt('lookup', () => cache.get(key));
+  const lookup = await attempt('lookup', () => (steps.lookup !== undefined ? steps.lookup(key) : cache.get(key)));
   const lookupMs = ms(t0);
   let missReason: CompileResult<T>['missReason'];
   let detail: string | undefined;

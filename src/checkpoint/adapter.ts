@@ -5,7 +5,6 @@
  * scaling * B @ A, with scaling = alpha / r (alpha / sqrt(r) with use_rslora), per-module rank and alpha
  * taken from rank_pattern / alpha_pattern where a key matches the module name.
  */
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
 import * as TE from 'fp-ts/lib/TaskEither.js';
@@ -14,6 +13,7 @@ import { PathReporter } from 'io-ts/lib/PathReporter.js';
 import type { OpenOptions } from '../safetensors/reader.js';
 import { type Checkpoint, openSingleTE } from './checkpoint.js';
 import { CheckpointError, type CheckpointIssue } from './errors.js';
+import { allowedRoots, readConfinedText } from './confine.js';
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
@@ -40,6 +40,12 @@ export const AdapterConfigCodec = t.intersection(
       use_rslora: t.boolean,
       rank_pattern: t.union([t.null, t.record(t.string, PositiveInteger)]),
       alpha_pattern: t.union([t.null, t.record(t.string, t.number)]),
+      // Settings that change what the adapter does beyond W + scaling * B @ A: refused unless inert.
+      use_dora: t.unknown,
+      layers_to_transform: t.unknown,
+      layers_pattern: t.unknown,
+      modules_to_save: t.unknown,
+      bias: t.unknown,
     }),
   ],
   'AdapterConfig',
@@ -82,6 +88,27 @@ export const decodeAdapterConfig = (raw: unknown, path: string): E.Either<Checkp
   if (c.peft_type !== undefined && c.peft_type !== 'LORA') {
     return E.left({ _tag: 'InvalidAdapterConfig', path, detail: `peft_type '${c.peft_type}' is not LORA` });
   }
+  const unsupported = (setting: string, detail: string): E.Either<CheckpointIssue, AdapterConfig> =>
+    E.left({ _tag: 'UnsupportedAdapterSetting', path, setting, detail: `${setting}: ${detail}` });
+  const empty = (v: unknown): boolean => v === undefined || v === null || (Array.isArray(v) && v.length === 0);
+  if (c.use_dora !== undefined && c.use_dora !== null && c.use_dora !== false) {
+    return unsupported('use_dora', `${JSON.stringify(c.use_dora)}: DoRA adapters (weight-decomposed, with a magnitude vector) are not supported; only plain LoRA is merged`);
+  }
+  if (!empty(c.layers_to_transform)) {
+    return unsupported('layers_to_transform', `${JSON.stringify(c.layers_to_transform)}: adapters restricted to some layers are not supported`);
+  }
+  if (!empty(c.modules_to_save)) {
+    return unsupported('modules_to_save', `${JSON.stringify(c.modules_to_save)}: the adapter replaces whole modules, which a LoRA merge would leave out`);
+  }
+  if (c.bias !== undefined && c.bias !== null && c.bias !== 'none') {
+    return unsupported('bias', `${JSON.stringify(c.bias)}: the adapter trains biases, which a LoRA merge would leave out (only "none" is supported)`);
+  }
+  if (typeof c.lora_alpha !== 'number' || !Number.isFinite(c.lora_alpha)) {
+    return E.left({ _tag: 'InvalidAdapterConfig', path, detail: `lora_alpha ${c.lora_alpha} is not a finite number` });
+  }
+  for (const [key, value] of Object.entries(c.alpha_pattern ?? {})) {
+    if (!Number.isFinite(value)) return E.left({ _tag: 'InvalidAdapterConfig', path, detail: `alpha_pattern['${key}'] ${value} is not a finite number` });
+  }
   return E.right({
     r: c.r,
     loraAlpha: c.lora_alpha,
@@ -115,6 +142,8 @@ export const moduleScaling = (config: AdapterConfig, module: string): { rank: nu
   return { rank, scaling: config.useRslora ? alpha / Math.sqrt(rank) : alpha / rank };
 };
 
+const FLOAT_DTYPES: ReadonlySet<string> = new Set(['F32', 'F16', 'BF16', 'F64']);
+
 const PAIR = /^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$/;
 
 /** Pairs lora_A / lora_B tensors per module and checks their shapes against each other and the rank. */
@@ -136,6 +165,10 @@ export const pairTensors = (
   for (const [module, { a, b }] of byModule) {
     const bad = (tensor: string | undefined, detail: string) => E.left<CheckpointIssue>({ _tag: 'InvalidAdapterTensors', path, tensor, detail });
     if (a === undefined || b === undefined) return bad(a ?? b, `module '${module}' has lora_${a === undefined ? 'A' : 'B'} missing`);
+    for (const name of [a, b]) {
+      const dtype = (tensors.tensors.get(name) as { dtype: string }).dtype;
+      if (!FLOAT_DTYPES.has(dtype)) return bad(name, `LoRA factors must be floating point (F32, F16, BF16, F64); found ${dtype}`);
+    }
     const shapeA = (tensors.tensors.get(a) as { shape: readonly number[] }).shape;
     const shapeB = (tensors.tensors.get(b) as { shape: readonly number[] }).shape;
     const { rank, scaling } = moduleScaling(config, module);
@@ -150,15 +183,19 @@ export const openAdapterTE =
   (directory: string, options: OpenOptions = {}): TE.TaskEither<CheckpointIssue, Adapter> =>
   async () => {
     const configPath = join(directory, ADAPTER_CONFIG);
+    // The adapter's files must really lie in its folder: a link to a file elsewhere is refused.
+    const roots = allowedRoots(directory);
+    const text = readConfinedText(configPath, roots);
+    if (E.isLeft(text)) return E.left({ _tag: 'FileRefused', path: directory, file: configPath, detail: `'${configPath}' is refused: ${text.left}` });
     let raw: unknown;
     try {
-      raw = JSON.parse(await readFile(configPath, 'utf8'));
+      raw = JSON.parse(text.right);
     } catch (e) {
       return E.left({ _tag: 'InvalidAdapterConfig', path: configPath, detail: `cannot read it as JSON: ${(e as Error).message}` });
     }
     const config = decodeAdapterConfig(raw, configPath);
     if (E.isLeft(config)) return config;
-    const tensors = await openSingleTE(join(directory, ADAPTER_WEIGHTS), options)();
+    const tensors = await openSingleTE(join(directory, ADAPTER_WEIGHTS), options, roots, directory)();
     if (E.isLeft(tensors)) return tensors;
     const pairs = pairTensors(config.right, tensors.right, join(directory, ADAPTER_WEIGHTS));
     if (E.isLeft(pairs)) {

@@ -3,8 +3,9 @@
  * (`model.safetensors.index.json`, whose weight_map names the shard file of every tensor). Tensors are
  * views into the mapped files, as in SafetensorsFile.
  */
-import { readFile, stat } from 'node:fs/promises';
-import { dirname, isAbsolute, join, normalize, sep } from 'node:path';
+import { closeSync, fstatSync, statSync } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
 import * as TE from 'fp-ts/lib/TaskEither.js';
 import { PathReporter } from 'io-ts/lib/PathReporter.js';
@@ -12,6 +13,8 @@ import * as t from 'io-ts';
 import type { TensorInfo } from '../safetensors/header.js';
 import { openSafetensorsTE, type OpenOptions, type SafetensorsFile } from '../safetensors/reader.js';
 import { CheckpointError, type CheckpointIssue } from './errors.js';
+import { allowedRoots, OPEN_FAILED, openConfined, readConfinedText, relativeInside } from './confine.js';
+import { issue } from '../safetensors/errors.js';
 
 export const INDEX_FILE = 'model.safetensors.index.json';
 export const SINGLE_FILE = 'model.safetensors';
@@ -82,26 +85,63 @@ const wrap = (path: string) => (issue: import('../safetensors/errors.js').Safete
   detail: `${issue._tag}: ${issue.detail}${'tensor' in issue && issue.tensor !== undefined ? ` (tensor '${issue.tensor}')` : ''}`,
 });
 
-export const openSingleTE = (path: string, options: OpenOptions = {}): TE.TaskEither<CheckpointIssue, Checkpoint> =>
-  TE.bimap(wrap(path), (file: SafetensorsFile) => {
-    const files = new Map([[path, file]]);
-    return new FilesCheckpoint(path, files, new Map(file.names().map((n) => [n, path])), file.metadata);
-  })(openSafetensorsTE(path, options));
+/**
+ * Opens a safetensors file that `namer` (the index, the adapter folder, or the file itself) names: first
+ * checked as a regular file whose real path lies inside `roots` (any place when undefined), then mapped,
+ * and the mapped file checked to be the one that was checked (no swap between the two opens).
+ */
+const openSafetensorsConfined = async (file: string, namer: string, roots: readonly string[] | undefined, options: OpenOptions): Promise<E.Either<CheckpointIssue, SafetensorsFile>> => {
+  const checked = openConfined(file, roots);
+  if (E.isLeft(checked)) {
+    // A file that cannot be opened at all (missing, no permission) is the reader's error, as it always was.
+    if (checked.left.startsWith(OPEN_FAILED)) return E.left(wrap(file)(issue('FileError', file, checked.left.slice(OPEN_FAILED.length))));
+    return E.left({ _tag: 'FileRefused', path: namer, file, detail: `'${file}' is refused: ${checked.left}` });
+  }
+  try {
+    const result = await openSafetensorsTE(file, options)();
+    if (E.isLeft(result)) return E.left(wrap(file)(result.left));
+    const expected = fstatSync(checked.right.fd, { bigint: true });
+    const identity = (result.right as unknown as { mapping?: { identity?: string } }).mapping?.identity;
+    const now = identity !== undefined ? identity.split(':').slice(0, 2) : (() => {
+      const s = statSync(file, { bigint: true });
+      return [String(s.dev), String(s.ino)];
+    })();
+    if (now[0] !== String(expected.dev) || now[1] !== String(expected.ino)) {
+      result.right.close();
+      return E.left({ _tag: 'FileRefused', path: namer, file, detail: `'${file}' was replaced while it was opened` });
+    }
+    return result;
+  } finally {
+    closeSync(checked.right.fd);
+  }
+};
 
-/** A shard file named by an index must stay inside the index's directory. */
+/**
+ * A single safetensors file. `roots`: the real folders it must lie inside (an adapter's file inside the
+ * adapter folder); absent for a file the user names directly. Either way a FIFO, device or other
+ * non-regular file is refused before it is mapped.
+ */
+export const openSingleTE = (path: string, options: OpenOptions = {}, roots?: readonly string[], namer: string = path): TE.TaskEither<CheckpointIssue, Checkpoint> =>
+  TE.map((file: SafetensorsFile) => {
+    const files = new Map([[path, file]]);
+    return new FilesCheckpoint(path, files, new Map(file.names().map((n) => [n, path])), file.metadata) as Checkpoint;
+  })(() => openSafetensorsConfined(path, namer, roots, options));
+
+/** A shard file named by an index must stay inside the index's directory (lexically; links are checked
+ *  when the shard is opened). */
 const shardPath = (indexPath: string, shard: string): string | undefined => {
-  if (shard === '' || isAbsolute(shard)) return undefined;
-  const normalized = normalize(shard);
-  if (normalized === '..' || normalized.startsWith(`..${sep}`)) return undefined;
-  return join(dirname(indexPath), normalized);
+  const relative = relativeInside(shard);
+  return E.isLeft(relative) ? undefined : join(dirname(indexPath), relative.right);
 };
 
 export const openShardedTE =
   (indexPath: string, options: OpenOptions = {}): TE.TaskEither<CheckpointIssue, Checkpoint> =>
   async () => {
     let raw: unknown;
+    const text = readConfinedText(indexPath, undefined);
+    if (E.isLeft(text)) return E.left({ _tag: 'InvalidIndex', path: indexPath, detail: `cannot read the index: ${text.left}` });
     try {
-      raw = JSON.parse(await readFile(indexPath, 'utf8'));
+      raw = JSON.parse(text.right);
     } catch (e) {
       return E.left({ _tag: 'InvalidIndex', path: indexPath, detail: `cannot read the index as JSON: ${(e as Error).message}` });
     }
@@ -123,9 +163,12 @@ export const openShardedTE =
       for (const f of opened.values()) f.close();
       return E.left(issue);
     };
+    // Shards must really lie in the index's folder (or, for an index that is a link, as in a Hugging Face
+    // cache snapshot, in the index's real folder): a shard linked elsewhere is refused.
+    const roots = allowedRoots(dirname(indexPath), indexPath);
     for (const file of new Set(tensorFiles.values())) {
-      const result = await openSafetensorsTE(file, options)();
-      if (E.isLeft(result)) return fail(wrap(file)(result.left));
+      const result = await openSafetensorsConfined(file, indexPath, roots, options);
+      if (E.isLeft(result)) return fail(result.left);
       opened.set(file, result.right);
     }
     for (const [name, file] of tensorFiles) {

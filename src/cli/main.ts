@@ -20,6 +20,10 @@ interface GlobalOptions {
 const printDemo = (report: DemoReport): void => {
   console.log(`engine: ${report.engine}`);
   for (const model of report.models) {
+    if (model.error !== undefined) {
+      console.log(`\n${model.name}  FAILED: ${model.error}`);
+      continue;
+    }
     console.log(`\n${model.name}  (${model.segments.engine} engine segment(s), ${model.segments.fallback} fallback segment(s))`);
     for (const step of model.steps) {
       const moved = step.bytesMoved === undefined ? '' : `${(step.bytesMoved / 1024).toFixed(1).padStart(8)} KiB moved`;

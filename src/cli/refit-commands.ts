@@ -211,7 +211,9 @@ export const registerRefitCommands = (program: Command, ctx: CommandContext): vo
         const r = result.report;
         print(ctx.json(), { command: 'refit', output: result.written.path, totals: result.plan.totals, report: r },
           `refitted ${r.changed} of ${result.plan.totals.targets} weights (${mib(r.bytesMoved)}) in ${r.milliseconds.toFixed(1)} ms` +
-          `${r.verified ? ', verified on the probe inputs' : ''}\nwrote ${result.written.path}`);
+          `${r.verified ? ', verified on the probe inputs' : ''}` +
+          `\nread back from the engines: ${r.readback.targets} weight(s) match the plan${r.readback.unverifiable > 0 ? `, ${r.readback.unverifiable} not comparable (quantized or half-precision kernels)` : ''} (${r.readback.milliseconds.toFixed(1)} ms)` +
+          `\nwrote ${result.written.path}`);
       } finally {
         bar.stop();
         process.off('SIGINT', onSignal);

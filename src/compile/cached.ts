@@ -22,9 +22,17 @@ import { networkWeights } from '../network/types.js';
 import { bindingsBlob, bindingsOf, engineBlobName, nativeKey, type NativeCacheContext } from '../cache/engines.js';
 import type { CacheKey, CanonicalNames, SegmentStructure } from '../cache/key.js';
 import { CacheStore, type Blob, type CacheEntry } from '../cache/store.js';
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import * as E from 'fp-ts/lib/Either.js';
+import { stableJson } from '../cache/key.js';
+import { WeightMapCodec, type WeightMap } from '../weightmap/map.js';
 import type { CompilePlan, EngineBuilder } from './compile.js';
 
 export const WEIGHT_MAP_BLOB = 'weightmap.json';
+/** What the entry's weight map was made from (SourceRecord): a later compile of the same ONNX bytes with
+ *  the same mapping options reuses the map instead of mapping again. */
+export const SOURCE_BLOB = 'source.json';
 
 /** Where compile keeps engines: a directory (with an optional byte budget), an open store, or none. */
 export type CompileCacheOption = false | { readonly dir: string; readonly maxBytes?: number } | CacheStore;
@@ -34,8 +42,11 @@ export const cacheStoreOf = (option: CompileCacheOption | undefined): CacheStore
   : option instanceof CacheStore ? option
   : new CacheStore({ root: option.dir, ...(option.maxBytes !== undefined ? { maxBytes: option.maxBytes } : {}) });
 
+/** What the key reads of a plan (the structure phase gives it before the weight map). */
+export type KeyedPlan = Pick<CompilePlan, 'analyzed' | 'segments'>;
+
 /** The plan's live segments as the key sees them, in run order. */
-export const planStructures = (plan: CompilePlan): SegmentStructure[] =>
+export const planStructures = (plan: KeyedPlan): SegmentStructure[] =>
   plan.segments.map(({ segment, lowered }): SegmentStructure => {
     if (lowered !== undefined) return { kind: 'engine', network: lowered.network };
     const typed = (name: string) => ({ name, type: plan.analyzed.types.get(name)! });
@@ -43,10 +54,10 @@ export const planStructures = (plan: CompilePlan): SegmentStructure[] =>
   });
 
 /** The cache key of a compile plan built with `options`. */
-export const planKey = (plan: CompilePlan, options: BuildOptions, context: NativeCacheContext = {}): CacheKey => nativeKey(planStructures(plan), options, context);
+export const planKey = (plan: KeyedPlan, options: BuildOptions, context: NativeCacheContext = {}): CacheKey => nativeKey(planStructures(plan), options, context);
 
 /** segment.index -> position in the key (and in the entry's blob names). */
-export const segmentPositions = (plan: CompilePlan): ReadonlyMap<number, number> => new Map(plan.segments.map((s, i) => [s.segment.index, i]));
+export const segmentPositions = (plan: KeyedPlan): ReadonlyMap<number, number> => new Map(plan.segments.map((s, i) => [s.segment.index, i]));
 
 const position = (positions: ReadonlyMap<number, number>, segment: number): number => {
   const p = positions.get(segment);
@@ -66,11 +77,102 @@ export const recordingBuilder = (inner: EngineBuilder, positions: ReadonlyMap<nu
   return engine;
 };
 
-/** The blobs besides the engines: the canonical names (what a hit checks) and the weight map. */
-export const entryBlobs = (key: CacheKey, plan: CompilePlan): Blob[] => [
+/** The blobs besides the engines: the canonical names (what a hit checks), the weight map, and what the
+ *  map was made from (when known). */
+export const entryBlobs = (key: CacheKey, plan: CompilePlan, source?: SourceRecord): Blob[] => [
   bindingsBlob(key.names),
   { name: WEIGHT_MAP_BLOB, data: new TextEncoder().encode(JSON.stringify(plan.weightMap)) },
+  ...(source !== undefined ? [{ name: SOURCE_BLOB, data: new TextEncoder().encode(stableJson(source)) }] : []),
 ];
+
+// ---- reusing an entry's weight map -------------------------------------------------------------------
+
+/**
+ * The rewrites prepareForRefit made to the decoded graph, as a patch that replays them without the
+ * checkpoint (compile.ts preparePatch / applyPreparePatch). Nodes of the prepared graph in order: an index
+ * (the decoded graph's node, unchanged), a decoded node with other inputs and outputs, or a new node (no
+ * attributes). Initializers in order: an index (unchanged), float32 zeros (a restored bias), or another
+ * name for a decoded initializer's tensor (an untied use).
+ */
+export interface PreparePatch {
+  readonly nodes: readonly (number | { readonly at: number; readonly inputs: readonly string[]; readonly outputs: readonly string[] } | { readonly node: { readonly name: string; readonly opType: string; readonly domain: string; readonly inputs: readonly string[]; readonly outputs: readonly string[] } })[];
+  readonly initializers: readonly (number | { readonly name: string; readonly zeros: readonly number[] } | { readonly name: string; readonly copyOf: number })[];
+}
+
+/** The options a weight map depends on besides the ONNX bytes and the prepared graph. */
+export interface MappingOptions {
+  readonly allowUnmapped: boolean;
+  readonly map: Readonly<Record<string, string>> | null;
+  readonly minSegmentSize: number | null;
+  readonly forcedFallback: readonly string[] | null;
+}
+
+/** The entry's blob 'source.json'. */
+export interface SourceRecord {
+  readonly format: 1;
+  /** sha256 of the ONNX file's bytes and of the external data its decode read. */
+  readonly onnx: string;
+  readonly options: MappingOptions;
+  /** The checkpoint-dependent rewrites of the graph the map was made for (null: not expressible). */
+  readonly prepared: PreparePatch | null;
+}
+
+const parseSource = (bytes: Uint8Array | undefined): SourceRecord | undefined => {
+  if (bytes === undefined) return undefined;
+  try {
+    const v = JSON.parse(new TextDecoder().decode(bytes)) as SourceRecord;
+    return typeof v === 'object' && v !== null && v.format === 1 && typeof v.onnx === 'string' && typeof v.options === 'object' ? v : undefined;
+  } catch {
+    return undefined;
+  }
+};
+
+/** The entry's weight map when it was made from `source` (same ONNX bytes, mapping options and prepared
+ *  graph), else why not. */
+export const reusableMap = (entry: CacheEntry, source: SourceRecord): E.Either<string, WeightMap> => {
+  const recorded = parseSource(entry.blobs.get(SOURCE_BLOB));
+  if (recorded === undefined) return E.left('the entry does not record its ONNX source');
+  if (recorded.onnx !== source.onnx) return E.left('the entry was built from other ONNX bytes');
+  if (stableJson(recorded.options) !== stableJson(source.options)) return E.left('the entry was mapped with other options');
+  if (recorded.prepared === null || source.prepared === null || stableJson(recorded.prepared) !== stableJson(source.prepared)) return E.left('the entry was built from a graph prepared otherwise');
+  const bytes = entry.blobs.get(WEIGHT_MAP_BLOB);
+  if (bytes === undefined) return E.left('the entry has no weight map');
+  try {
+    const decoded = WeightMapCodec.decode(JSON.parse(new TextDecoder().decode(bytes)));
+    return E.isRight(decoded) ? E.right(decoded.right) : E.left('its weight map does not decode');
+  } catch (e) {
+    return E.left(`its weight map does not parse: ${(e as Error).message}`);
+  }
+};
+
+/**
+ * Entries that record the same ONNX bytes and mapping options but another prepared graph (the build
+ * checkpoint restored other zero biases): digest and patch, read unverified (the caller replays the patch,
+ * recomputes the key and verifies the entry through the store before using it).
+ */
+export const sourceCandidates = async (store: CacheStore, source: SourceRecord): Promise<{ readonly key: string; readonly prepared: PreparePatch }[]> => {
+  let names: string[];
+  try {
+    names = (await readdir(store.entriesDir)).filter((n) => /^[0-9a-f]{64}$/.test(n)).sort();
+  } catch {
+    return [];
+  }
+  const options = stableJson(source.options);
+  const own = source.prepared === null ? undefined : stableJson(source.prepared);
+  const found: { key: string; prepared: PreparePatch }[] = [];
+  for (const key of names) {
+    let bytes: Uint8Array;
+    try {
+      bytes = await readFile(join(store.entryDir(key), 'blobs', SOURCE_BLOB));
+    } catch {
+      continue;
+    }
+    const r = parseSource(bytes);
+    if (r === undefined || r.onnx !== source.onnx || r.prepared === null || stableJson(r.options) !== options || stableJson(r.prepared) === own) continue;
+    found.push({ key, prepared: r.prepared });
+  }
+  return found;
+};
 
 const sameNames = (a: readonly string[], b: readonly string[]): boolean => a.length === b.length && a.every((n, i) => n === b[i]);
 

@@ -13,6 +13,7 @@
  * The pure part (`planCompile`) ends at the lowered segments and the map; `compileTE` adds the files and
  * the native library. Engines are built with an EngineBuilder capability (tests substitute it).
  */
+import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
@@ -29,11 +30,11 @@ import { partitionGraph, type PartitionOptions, type Segment } from '../partitio
 import { lowerContext, lowerSegment, type LoweredSegment } from '../network/lower.js';
 import { encodeSegmentModel } from '../fallback/model.js';
 import { prepareForRefit } from '../weightmap/prepare.js';
-import { legacyScope, nodeScopes } from '../weightmap/scopes.js';
+import { legacyScope, nodeScopes, type NodeScopes } from '../weightmap/scopes.js';
 import { buildWeightMap, describeWeightMapError, type AmbiguousWeight, type WeightMap, type WeightMapErrorDetail } from '../weightmap/map.js';
 import type { TensorStore } from '../weightmap/store.js';
 import { networkWeights, type Layer, type NetworkDefinition, type WeightRole, type Weights } from '../network/types.js';
-import { elementCount, type DType, type Tensor, type TensorData } from '../trace/ir.js';
+import { elementCount, tensorOf, type DType, type Graph, type Initializer, type Node, type Tensor, type TensorData } from '../trace/ir.js';
 import { evaluateExpr, type F32Tensor, type SourceLookup } from '../weightmap/evaluate.js';
 import { exprSources, type Expr } from '../weightmap/expr.js';
 import type { MatchMethod } from '../weightmap/match.js';
@@ -49,9 +50,10 @@ import { RefitModel, type Stage } from '../model/model.js';
 import type { BuildInfo, PartitionReport, TensorDesc } from '../model/format.js';
 import { compileWithCacheTE } from '../cache/compile.js';
 import type { CacheKey } from '../cache/key.js';
-import type { Blob, CacheStore } from '../cache/store.js';
+import type { Blob, CacheEntry, CacheStore, Lookup } from '../cache/store.js';
+import { describeProblem, planRefit } from '../plan/plan.js';
 import { formatWeightFormat, weightFormatOptions, type WeightFormat } from '../quant/format.js';
-import { cacheStoreOf, entryBlobs, loadingBuilder, planKey, recordingBuilder, segmentPositions, type CompileCacheOption } from './cached.js';
+import { cacheStoreOf, entryBlobs, loadingBuilder, planKey, recordingBuilder, reusableMap, segmentPositions, sourceCandidates, type CompileCacheOption, type MappingOptions, type PreparePatch, type SourceRecord } from './cached.js';
 
 export type WeightPrecision = 'float32' | 'float16' | 'bfloat16';
 
@@ -88,11 +90,18 @@ export type CompileErrorDetail =
   | { readonly _tag: 'UnmappedWeights'; readonly weights: readonly { readonly id: string; readonly reason: string }[]; readonly unaccounted?: readonly string[] }
   | { readonly _tag: 'AmbiguousWeights'; readonly weights: readonly AmbiguousWeight[] }
   | { readonly _tag: 'MapFileMismatch'; readonly entry: string; readonly reason: string }
+  | { readonly _tag: 'CheckpointDisagrees'; readonly tensors: readonly string[] }
   | { readonly _tag: 'WeightMapFailed'; readonly detail: string }
   | { readonly _tag: 'ConstantOutput'; readonly output: string }
   | { readonly _tag: 'BuildFailed'; readonly segment: number; readonly detail: string }
   | { readonly _tag: 'CacheFailed'; readonly step: string; readonly detail: string }
-  | { readonly _tag: 'ConflictingOptions'; readonly detail: string };
+  | { readonly _tag: 'ConflictingOptions'; readonly detail: string }
+  /** A cache hit reusing its entry's weight map: checkpoint tensors the map reads are missing or of
+   *  other shapes or dtypes than the map was made with. */
+  | { readonly _tag: 'CheckpointMismatch'; readonly tensors: readonly { readonly name: string; readonly detail: string }[] }
+  /** A cache hit reusing its entry's weight map: checkpoint tensors no weight reads (the exported graph
+   *  baked their build values in) hold other values than the map's build checkpoint, or tied copies differ. */
+  | { readonly _tag: 'PinnedChanged'; readonly tensors: readonly { readonly name: string; readonly detail: string }[] };
 
 export const describeCompileError = (e: CompileErrorDetail): string => {
   switch (e._tag) {
@@ -104,11 +113,14 @@ export const describeCompileError = (e: CompileErrorDetail): string => {
     case 'UnmappedWeights': return `${describeWeightMapError(e)} (pass allowUnmapped / --allow-unmapped to build anyway)`;
     case 'AmbiguousWeights': return describeWeightMapError(e);
     case 'MapFileMismatch': return describeWeightMapError(e);
+    case 'CheckpointDisagrees': return describeWeightMapError(e);
     case 'WeightMapFailed': return `weight map: ${e.detail}`;
     case 'ConstantOutput': return `model output '${e.output}' is a constant of the graph; a compiled model needs every output computed`;
     case 'BuildFailed': return `engine segment ${e.segment}: the engine build failed: ${e.detail}`;
     case 'CacheFailed': return `engine cache: ${e.step} failed: ${e.detail}`;
     case 'ConflictingOptions': return `compile options: ${e.detail}`;
+    case 'CheckpointMismatch': return `the checkpoint does not fit the weight map of the cached model built from this ONNX file: ${e.tensors.map((t) => t.detail).join('; ')}`;
+    case 'PinnedChanged': return `the checkpoint changes tensor(s) ${e.tensors.map((t) => `'${t.name}'`).join(', ')}, which the engines cannot take: ${e.tensors.map((t) => t.detail).join('; ')}`;
   }
 };
 
@@ -142,20 +154,157 @@ export interface CompilePlan {
 const weightMapFailure = (e: WeightMapErrorDetail): CompileErrorDetail =>
   e._tag === 'LowerFailed' ? { _tag: 'LowerFailed', segment: e.segment, detail: e.reason } : e;
 
-/** Trace (prepared for refit), partition, lower and map: pure, ONNX bytes and checkpoint in. */
-export const planCompile = (path: string, onnx: Uint8Array, checkpoint: TensorStore, options: CompileOptions = {}): E.Either<CompileErrorDetail, CompilePlan> => {
-  const decoded = decodeOnnx(onnx, directoryResolver(dirname(path)));
+// ---- planning, in two phases ---------------------------------------------------------------------
+
+/** The decoded ONNX file, before the rewrites for refit. */
+export interface DecodedSource {
+  readonly path: string;
+  readonly graph: Graph;
+  readonly scopes: NodeScopes;
+  /** sha256 of the ONNX bytes and of every external-data range the decode read (location, range, bytes). */
+  readonly digest: string;
+}
+
+/** Decodes an ONNX file's bytes, digesting them with the external data the decode reads. */
+export const decodeSource = (path: string, onnx: Uint8Array): E.Either<CompileErrorDetail, DecodedSource> => {
+  const hash = createHash('sha256').update('trt-refit onnx source\n').update(onnx);
+  const resolve = directoryResolver(dirname(path));
+  const decoded = decodeOnnx(onnx, (location, range) => {
+    const r = resolve(location, range);
+    if (E.isRight(r)) hash.update(`\nexternal ${JSON.stringify(location)} ${range.offset} ${range.length} ${r.right.byteLength}\n`).update(r.right);
+    return r;
+  });
   if (E.isLeft(decoded)) return E.left({ _tag: 'TraceFailed', path, detail: describeTraceError(decoded.left) });
-  const scopes = nodeScopes(onnx);
-  const analyzedOr = analyzeGraph(prepareForRefit(decoded.right, checkpoint, (node) => scopes.get(node) ?? legacyScope(node)));
+  return E.right({ path, graph: decoded.right, scopes: nodeScopes(onnx), digest: hash.digest('hex') });
+};
+
+/** The structure phase's result: everything the cache key reads (the lowered engine networks, the
+ *  fallback segments), and what the weight map is made from. */
+export interface CompileStructure extends Omit<CompilePlan, 'weightMap' | 'current' | 'differs' | 'warnings'> {
+  /** Every segment of the partition (dead ones too), as the weight map reads them. */
+  readonly partitionSegments: readonly Segment[];
+  readonly scopes: NodeScopes;
+  /** The ONNX source digest (decodeSource). */
+  readonly sourceDigest: string;
+  /** prepareForRefit's rewrites of the decoded graph as a patch (undefined: not expressible as one). */
+  readonly prepared: PreparePatch | undefined;
+}
+
+const sameStrings = (a: readonly string[], b: readonly string[]): boolean => a.length === b.length && a.every((x, i) => x === b[i]);
+
+/** Replays a prepare patch on the decoded graph (the same ONNX bytes the patch was made from). */
+export const applyPreparePatch = (graph: Graph, patch: PreparePatch): E.Either<string, Graph> => {
+  const nodes: Node[] = [];
+  for (const step of patch.nodes) {
+    if (typeof step === 'number') {
+      const n = graph.nodes[step];
+      if (n === undefined) return E.left(`node ${step} is not in the graph`);
+      nodes.push(n);
+    } else if ('at' in step) {
+      const n = graph.nodes[step.at];
+      if (n === undefined) return E.left(`node ${step.at} is not in the graph`);
+      nodes.push({ ...n, inputs: [...step.inputs], outputs: [...step.outputs] });
+    } else nodes.push({ ...step.node, inputs: [...step.node.inputs], outputs: [...step.node.outputs], attributes: {} });
+  }
+  const initializers: Initializer[] = [];
+  for (const step of patch.initializers) {
+    if (typeof step === 'number') {
+      const i = graph.initializers[step];
+      if (i === undefined) return E.left(`initializer ${step} is not in the graph`);
+      initializers.push(i);
+    } else if ('zeros' in step) {
+      initializers.push({ name: step.name, tensor: tensorOf('float32', step.zeros, new Float32Array(elementCount(step.zeros))) });
+    } else {
+      const i = graph.initializers[step.copyOf];
+      if (i === undefined) return E.left(`initializer ${step.copyOf} is not in the graph`);
+      initializers.push({ name: step.name, tensor: i.tensor });
+    }
+  }
+  return E.right({ ...graph, nodes, initializers });
+};
+
+const isZeroF32 = (t: Tensor): boolean => t.dtype === 'float32' && (t.data as Float32Array).every((v) => v === 0);
+
+/** `prepared` (prepareForRefit of `graph`) as a patch of `graph`, verified by replaying it; undefined when
+ *  the rewrites cannot be written as one (new nodes with attributes, new initializers of other values). */
+export const preparePatch = (graph: Graph, prepared: Graph): PreparePatch | undefined => {
+  if (prepared.name !== graph.name || prepared.opset !== graph.opset || prepared.inputs !== graph.inputs || prepared.outputs !== graph.outputs) return undefined;
+  const nodeIndex = new Map(graph.nodes.map((n, i) => [n, i] as const));
+  const nodeByName = new Map(graph.nodes.map((n, i) => [n.name, i] as const));
+  const nodes: PreparePatch['nodes'][number][] = [];
+  for (const n of prepared.nodes) {
+    const same = nodeIndex.get(n);
+    if (same !== undefined) {
+      nodes.push(same);
+      continue;
+    }
+    const at = nodeByName.get(n.name);
+    if (at !== undefined) {
+      const base = graph.nodes[at];
+      if (base.opType !== n.opType || base.domain !== n.domain || base.attributes !== n.attributes) return undefined;
+      nodes.push({ at, inputs: [...n.inputs], outputs: [...n.outputs] });
+    } else {
+      if (Object.keys(n.attributes).length > 0) return undefined;
+      nodes.push({ node: { name: n.name, opType: n.opType, domain: n.domain, inputs: [...n.inputs], outputs: [...n.outputs] } });
+    }
+  }
+  const initIndex = new Map(graph.initializers.map((x, i) => [x, i] as const));
+  const tensorIndex = new Map<Tensor, number>();
+  graph.initializers.forEach((x, i) => {
+    if (!tensorIndex.has(x.tensor)) tensorIndex.set(x.tensor, i);
+  });
+  const initializers: PreparePatch['initializers'][number][] = [];
+  for (const x of prepared.initializers) {
+    const same = initIndex.get(x);
+    if (same !== undefined) initializers.push(same);
+    else if (tensorIndex.has(x.tensor)) initializers.push({ name: x.name, copyOf: tensorIndex.get(x.tensor)! });
+    else if (isZeroF32(x.tensor)) initializers.push({ name: x.name, zeros: [...x.tensor.shape] });
+    else return undefined;
+  }
+  const patch: PreparePatch = { nodes, initializers };
+  // The replay must give the prepared graph exactly.
+  const replayed = applyPreparePatch(graph, patch);
+  if (E.isLeft(replayed)) return undefined;
+  const r = replayed.right;
+  if (r.nodes.length !== prepared.nodes.length || r.initializers.length !== prepared.initializers.length) return undefined;
+  const nodesAgree = r.nodes.every((n, i) => {
+    const p = prepared.nodes[i];
+    return n.name === p.name && n.opType === p.opType && n.domain === p.domain && sameStrings(n.inputs, p.inputs) && sameStrings(n.outputs, p.outputs)
+      && (n.attributes === p.attributes || (Object.keys(n.attributes).length === 0 && Object.keys(p.attributes).length === 0));
+  });
+  const initializersAgree = r.initializers.every((x, i) => {
+    const p = prepared.initializers[i];
+    return x.name === p.name && (x.tensor === p.tensor || (isZeroF32(p.tensor) && x.tensor.dtype === p.tensor.dtype && sameStrings(x.tensor.shape.map(String), p.tensor.shape.map(String))));
+  });
+  return nodesAgree && initializersAgree ? patch : undefined;
+};
+
+/**
+ * The structure phase: prepare (restore dropped zero biases, untie), analyze, partition and lower. The
+ * restorations read the checkpoint (a bias comes back only where the checkpoint's is zero); `replay`
+ * prepares the graph with a recorded patch instead (the rewrites an earlier compile of the same ONNX bytes
+ * made with its own build checkpoint), reading no checkpoint.
+ */
+export const planStructure = (source: DecodedSource, checkpoint: TensorStore, options: CompileOptions = {}, replay?: PreparePatch): E.Either<CompileErrorDetail, CompileStructure> => {
+  const { path, scopes } = source;
+  let graph: Graph;
+  let prepared: PreparePatch | undefined;
+  if (replay !== undefined) {
+    const r = applyPreparePatch(source.graph, replay);
+    if (E.isLeft(r)) return E.left({ _tag: 'TraceFailed', path, detail: `the recorded rewrites for refit do not apply: ${r.left}` });
+    graph = r.right;
+    prepared = replay;
+  } else {
+    graph = prepareForRefit(source.graph, checkpoint, (node) => scopes.get(node) ?? legacyScope(node));
+    prepared = preparePatch(source.graph, graph);
+  }
+  const analyzedOr = analyzeGraph(graph);
   if (E.isLeft(analyzedOr)) return E.left({ _tag: 'TraceFailed', path, detail: describeTraceError(analyzedOr.left) });
   const analyzed = analyzedOr.right;
   const ctx = lowerContext(analyzed);
   const parted = partitionGraph(analyzed, options, ctx);
   if (E.isLeft(parted)) return E.left({ _tag: 'PartitionFailed', detail: `${parted.left.option}: ${parted.left.reason}` });
   for (const output of analyzed.graph.outputs) if (analyzed.constants.has(output)) return E.left({ _tag: 'ConstantOutput', output });
-  const map = buildWeightMap({ analyzed, segments: parted.right.segments, checkpoint, scopes }, { allowUnmapped: options.allowUnmapped ?? false, ...(options.map !== undefined ? { map: options.map } : {}) });
-  if (E.isLeft(map)) return E.left(weightMapFailure(map.left));
   const live = parted.right.segments.filter((s) => s.outputs.length > 0); // dead segments never run
   const segments: { segment: Segment; lowered?: LoweredSegment }[] = [];
   for (const segment of live) {
@@ -177,8 +326,42 @@ export const planCompile = (path: string, onnx: Uint8Array, checkpoint: TensorSt
     folded: parted.right.folded.length,
     fallbackReasons: [...parted.right.fallbackReasons].map(([node, reason]) => ({ node, reason })),
   };
-  return E.right({ analyzed, segments, weightMap: map.right, partition, tensors });
+  return E.right({ analyzed, segments, partition, tensors, partitionSegments: parted.right.segments, scopes, sourceDigest: source.digest, prepared });
 };
+
+/** The compile plan of a structure and a weight map. */
+const planOf = (structure: CompileStructure, weightMap: WeightMap): CompilePlan => {
+  const { analyzed, segments, partition, tensors } = structure;
+  return { analyzed, segments, partition, tensors, weightMap };
+};
+
+/** The mapping phase: the weight map of a structure against its build checkpoint. */
+export const mapStructure = (structure: CompileStructure, checkpoint: TensorStore, options: CompileOptions = {}): E.Either<CompileErrorDetail, CompilePlan> => {
+  const map = buildWeightMap({ analyzed: structure.analyzed, segments: structure.partitionSegments, checkpoint, scopes: structure.scopes }, { allowUnmapped: options.allowUnmapped ?? false, ...(options.map !== undefined ? { map: options.map } : {}) });
+  if (E.isLeft(map)) return E.left(weightMapFailure(map.left));
+  return E.right(planOf(structure, map.right));
+};
+
+/** The options a weight map depends on besides the graph (recorded with a cache entry). */
+export const mappingOptionsOf = (options: CompileOptions): MappingOptions => ({
+  allowUnmapped: options.allowUnmapped ?? false,
+  map: options.map ?? null,
+  minSegmentSize: options.minSegmentSize ?? null,
+  forcedFallback: options.forcedFallback ?? null,
+});
+
+/** What a cache entry records about the source of a structure's weight map. */
+export const sourceRecordOf = (structure: CompileStructure, options: CompileOptions): SourceRecord => ({
+  format: 1, onnx: structure.sourceDigest, options: mappingOptionsOf(options), prepared: structure.prepared ?? null,
+});
+
+/** Trace (prepared for refit), partition, lower and map: pure, ONNX bytes and checkpoint in. */
+export const planCompile = (path: string, onnx: Uint8Array, checkpoint: TensorStore, options: CompileOptions = {}): E.Either<CompileErrorDetail, CompilePlan> =>
+  pipe(
+    decodeSource(path, onnx),
+    E.chain((source) => planStructure(source, checkpoint, options)),
+    E.chain((structure) => mapStructure(structure, checkpoint, options)),
+  );
 
 // ---- the build checkpoint's values --------------------------------------------------------------
 
@@ -540,12 +723,14 @@ const openBuildCheckpoint = (path: string): TE.TaskEither<CompileErrorDetail, Ch
 export interface CompileTimings {
   /** Reading the ONNX file and opening the checkpoint. */
   readonly readMs: number;
-  /** Trace, partition, weight map and lowering (planCompile), and the build checkpoint's values
-   *  (withCheckpointValues). */
+  /** Decode, prepare, trace, partition and lowering (the structure phase, again for each recorded
+   *  preparation tried), the weight map (built, or decoded from a cache entry and checked against the
+   *  checkpoint), and the checkpoint's values (withCheckpointValues). */
   readonly planMs: number;
-  /** The cache key (0 without a cache). */
+  /** The cache key, of each structure tried (0 without a cache). */
   readonly hashMs: number;
-  /** Looking the key up, verifying the entry's checksums (0 without a cache). */
+  /** Looking keys up, verifying the entries' checksums, and looking for entries of the same ONNX bytes
+   *  (0 without a cache). */
   readonly lookupMs: number;
   /** Hit: loading the stripped engines and refitting them, and opening the fallbacks. */
   readonly loadMs?: number;
@@ -573,16 +758,55 @@ export interface CompileReport {
   /** What could not be taken from the build checkpoint (a quantized build checkpoint only): those weights
    *  keep the ONNX file's values and are recorded as holding none, so a refit sets them. */
   readonly warnings: readonly string[];
+  /** A cache hit that took its entry's weight map (made from the same ONNX bytes with the same mapping
+   *  options) instead of mapping the graph again; every mapped weight still holds the given checkpoint's
+   *  values. */
+  readonly mapReused: boolean;
+  /** Why a hit's entry could not give its weight map (the graph was mapped again). */
+  readonly mapReuseDetail?: string;
   readonly timings: CompileTimings;
 }
 
 const since = (start: bigint): number => Number(process.hrtime.bigint() - start) / 1e6;
 
+/** The entry's weight map when it was made from this structure's source and fits the structure (every
+ *  engine weight and fallback constant it names is the structure's), else why not. */
+const reusableFor = (structure: CompileStructure, entry: CacheEntry, options: CompileOptions): E.Either<string, WeightMap> => {
+  const m = reusableMap(entry, sourceRecordOf(structure, options));
+  if (E.isLeft(m)) return m;
+  const weights = new Set(structure.segments.flatMap((s) => (s.lowered === undefined ? [] : networkWeights(s.lowered.network).map((w) => `${s.segment.index}\u0000${w.layer}\u0000${w.role}`))));
+  const constants = new Set(structure.segments.flatMap((s) => (s.lowered === undefined ? s.segment.constants.map((c) => `${s.segment.index}\u0000${c}`) : [])));
+  const engineTargets = m.right.targets.filter((t) => t.kind === 'engine');
+  const fits = engineTargets.length === weights.size
+    && engineTargets.every((t) => weights.has(`${t.segment}\u0000${t.layer}\u0000${t.role}`))
+    && m.right.targets.every((t) => t.kind === 'engine' || t.status !== 'mapped' || constants.has(`${t.segment}\u0000${t.tensor}`));
+  return fits ? m : E.left('its weight map does not name the weights of this structure');
+};
+
+/**
+ * The given checkpoint against a weight map made from another (a reused cache entry's): the refit plan's
+ * checks (every source present, with the shape and a float dtype the map was made with; pinned tensors,
+ * which no weight reads because the graph baked their build values in, unchanged; tied copies equal), and
+ * the source digest of what each mapped target holds from this checkpoint (what a plan compares with).
+ */
+export const checkpointAgainstMap = (map: WeightMap, checkpoint: TensorStore): E.Either<CompileErrorDetail, Record<string, string>> => {
+  const plan = planRefit(map, checkpoint, { checkFinite: false });
+  const detailOf = (p: (typeof plan.problems)[number]) => ({ name: p.source, detail: describeProblem(p) });
+  const mismatch = plan.problems.filter((p) => p._tag === 'MissingSource' || p._tag === 'ShapeMismatch' || p._tag === 'NotFloat');
+  if (mismatch.length > 0) return E.left({ _tag: 'CheckpointMismatch', tensors: mismatch.map(detailOf) });
+  const pinned = plan.problems.filter((p) => p._tag === 'PinnedChanged' || p._tag === 'TiedDiverged');
+  if (pinned.length > 0) return E.left({ _tag: 'PinnedChanged', tensors: pinned.map(detailOf) });
+  return E.right(Object.fromEntries(plan.entries.map((e) => [e.target, e.sourceDigest])));
+};
+
 /** Realizes a plan through the cache: load and refit on a hit, build and insert on a miss. */
-const realizeCached = async (plan: CompilePlan, store: CacheStore | undefined, options: CompileOptions, caps: CompileCapabilities, source: string): Promise<E.Either<CompileErrorDetail, Omit<CompileReport, 'timings' | 'differs' | 'warnings'> & { timings: Omit<CompileTimings, 'readMs' | 'planMs'> }>> => {
+const realizeCached = async (
+  plan: CompilePlan, store: CacheStore | undefined, options: CompileOptions, caps: CompileCapabilities, source: string,
+  prefetched?: { readonly key: CacheKey; readonly lookup: Lookup }, record?: SourceRecord,
+): Promise<E.Either<CompileErrorDetail, Omit<CompileReport, 'timings' | 'differs' | 'warnings' | 'mapReused'> & { timings: Omit<CompileTimings, 'readMs' | 'planMs'> }>> => {
   const buildOptions = engineBuildOptions(options);
   const positions = segmentPositions(plan);
-  let key: CacheKey | undefined;
+  let key: CacheKey | undefined = prefetched?.key;
   const keyOf = () => (key ??= planKey(plan, buildOptions));
   // realize answers Left; the driver wants a throw, so a Left travels inside this and comes out again.
   class Failed extends Error {
@@ -600,9 +824,10 @@ const realizeCached = async (plan: CompilePlan, store: CacheStore | undefined, o
       const blobs: Blob[] = [];
       const builder = store === undefined ? (caps.buildEngine ?? nativeBuilder) : recordingBuilder(caps.buildEngine ?? nativeBuilder, positions, blobs);
       const value = orThrow(await realize(plan, options, { ...caps, buildEngine: builder }, source));
-      return { value, blobs: store === undefined ? [] : [...blobs, ...entryBlobs(keyOf(), plan)] };
+      return { value, blobs: store === undefined ? [] : [...blobs, ...entryBlobs(keyOf(), plan, record)] };
     },
     load: async (entry) => orThrow(await realize(plan, options, { ...caps, buildEngine: loadingBuilder(entry, keyOf(), positions) }, source)),
+    ...(prefetched !== undefined ? { lookup: (k: CacheKey) => (k.digest === prefetched.key.digest ? prefetched.lookup : store!.get(k)) } : {}),
   })();
   if (E.isLeft(r)) {
     const { step, error } = r.left;
@@ -639,16 +864,112 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
   const readMs = since(start);
   const { onnx, checkpoint } = read.right;
   try {
-    const t0 = process.hrtime.bigint();
-    const planned = planCompile(onnxPath, onnx, checkpoint, options);
-    if (E.isLeft(planned)) return planned;
+    const store = cacheStoreOf(options.cache);
+    let planMs = 0;
+    let hashMs = 0;
+    let lookupMs = 0;
+    let t = process.hrtime.bigint();
+    const decoded = decodeSource(onnxPath, onnx);
+    if (E.isLeft(decoded)) return decoded;
+    const first = planStructure(decoded.right, checkpoint, options);
+    if (E.isLeft(first)) return first;
+    planMs += since(t);
+    let structure = first.right;
+    // With a cache: the entry of this structure, or of the same ONNX bytes prepared as an earlier build
+    // checkpoint had it, gives its weight map when it was made from the same source (reuse below).
+    let prefetched: { key: CacheKey; lookup: Lookup } | undefined;
+    let reused: WeightMap | undefined;
+    let reuseDetail: string | undefined;
+    if (store !== undefined) {
+      const buildOptions = engineBuildOptions(options);
+      const keyed = (s: CompileStructure): E.Either<CompileErrorDetail, CacheKey> => {
+        const t0 = process.hrtime.bigint();
+        try {
+          return E.right(planKey(s, buildOptions));
+        } catch (e) {
+          return E.left({ _tag: 'CacheFailed', step: 'key', detail: (e as Error).message });
+        } finally {
+          hashMs += since(t0);
+        }
+      };
+      const look = async (key: CacheKey): Promise<E.Either<CompileErrorDetail, Lookup>> => {
+        const t0 = process.hrtime.bigint();
+        try {
+          return E.right(await store.get(key));
+        } catch (e) {
+          return E.left({ _tag: 'CacheFailed', step: 'lookup', detail: (e as Error).message });
+        } finally {
+          lookupMs += since(t0);
+        }
+      };
+      const key = keyed(structure);
+      if (E.isLeft(key)) return key;
+      const lookup = await look(key.right);
+      if (E.isLeft(lookup)) return lookup;
+      prefetched = { key: key.right, lookup: lookup.right };
+      if (lookup.right._tag === 'hit') {
+        const m = reusableFor(structure, lookup.right.entry, options);
+        if (E.isRight(m)) reused = m.right;
+        else reuseDetail = m.left;
+      }
+      if (reused === undefined) {
+        t = process.hrtime.bigint();
+        const candidates = await sourceCandidates(store, sourceRecordOf(structure, options));
+        lookupMs += since(t);
+        for (const c of candidates) {
+          t = process.hrtime.bigint();
+          const other = planStructure(decoded.right, checkpoint, options, c.prepared);
+          planMs += since(t);
+          if (E.isLeft(other)) continue;
+          const otherKey = keyed(other.right);
+          if (E.isLeft(otherKey) || otherKey.right.digest !== c.key) continue;
+          const otherLookup = await look(otherKey.right);
+          if (E.isLeft(otherLookup) || otherLookup.right._tag !== 'hit') continue;
+          const m = reusableFor(other.right, otherLookup.right.entry, options);
+          if (E.isLeft(m)) continue;
+          structure = other.right;
+          prefetched = { key: otherKey.right, lookup: otherLookup.right };
+          reused = m.right;
+          reuseDetail = undefined;
+          break;
+        }
+      }
+    }
+    t = process.hrtime.bigint();
+    let planned: CompilePlan;
+    let held: Readonly<Record<string, string>> | undefined;
+    if (reused !== undefined) {
+      // The map was made against the entry's build checkpoint: the given one must fit it (its tensors,
+      // shapes and dtypes; pinned tensors unchanged), and what each weight holds is digested from it.
+      const checked = checkpointAgainstMap(reused, checkpoint);
+      if (E.isLeft(checked)) return checked;
+      held = checked.right;
+      planned = planOf(structure, reused);
+    } else {
+      const mapped = mapStructure(structure, checkpoint, options);
+      if (E.isLeft(mapped)) return mapped;
+      planned = mapped.right;
+    }
     // The engines (built on a miss, refitted on a hit) and fallbacks hold the build checkpoint's values.
-    const plan = withCheckpointValues(planned.right, checkpoint, caps.transform ?? defaultTransform());
-    if (E.isLeft(plan)) return plan;
-    const planMs = since(t0);
-    const realized = await realizeCached(plan.right, cacheStoreOf(options.cache), options, caps, onnxPath);
+    const valued = withCheckpointValues(planned, checkpoint, caps.transform ?? defaultTransform());
+    if (E.isLeft(valued)) return valued;
+    let plan = valued.right;
+    if (held !== undefined) {
+      // withCheckpointValues records the map's build digests; a reused map's are another checkpoint's.
+      const current: Record<string, string> = {};
+      for (const [id, digest] of Object.entries(plan.current ?? {})) current[id] = digest === '' ? '' : (held[id] ?? '');
+      plan = { ...plan, current };
+    }
+    planMs += since(t);
+    const realized = await realizeCached(plan, store, options, caps, onnxPath, prefetched, sourceRecordOf(structure, options));
     if (E.isLeft(realized)) return realized;
-    return E.right({ ...realized.right, differs: plan.right.differs ?? [], warnings: plan.right.warnings ?? [], timings: { readMs, planMs, ...realized.right.timings, totalMs: since(start) } });
+    const r = realized.right;
+    return E.right({
+      ...r, differs: plan.differs ?? [], warnings: plan.warnings ?? [],
+      mapReused: reused !== undefined && r.cache === 'hit',
+      ...(reuseDetail !== undefined && r.cache === 'hit' ? { mapReuseDetail: reuseDetail } : {}),
+      timings: { readMs, planMs, ...r.timings, hashMs: hashMs + r.timings.hashMs, lookupMs: lookupMs + r.timings.lookupMs, totalMs: since(start) },
+    });
   } finally {
     checkpoint.close();
   }

@@ -1,10 +1,12 @@
 /**
  * The main job on the shipped fixtures, on the embedded default engine (libtrtshim's `ref` CPU backend).
- * For every fixture model: compile its ONNX export once with weights_v1 and check the outputs against
+ * Every model folder under the fixtures folder (an ONNX export, weights_v1/v2, inputs and PyTorch's expected
+ * outputs: the layout ../shared/fixtures/README.md describes) takes part, so `--fixtures DIR` runs it on a
+ * user's own exports. For every fixture model: compile its ONNX export once with weights_v1 and check the outputs against
  * PyTorch's, refit to weights_v2, apply the LoRA adapter where there is one, go back to v1, and check the
  * outputs after each step. Timings show what a refit costs against the compile it replaces.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as E from 'fp-ts/lib/Either.js';
@@ -31,6 +33,8 @@ export interface DemoModel {
   readonly onnx: string;
   readonly segments: { readonly engine: number; readonly fallback: number };
   readonly steps: readonly DemoStep[];
+  /** Why the model could not be compiled or refitted (the demo then fails). */
+  readonly error?: string;
 }
 
 export interface DemoReport {
@@ -111,12 +115,30 @@ const runFixture = async (fixtures: string, name: string): Promise<DemoModel> =>
   return { name, onnx, segments: { engine: engines, fallback: model.fallbackStages().length }, steps };
 };
 
-export const demoFixtures = ['mlp', 'cnn_bn', 'bert_tiny', 'gpt2_tiny'] as const;
+/** The files a fixture folder needs besides its ONNX export. */
+const FIXTURE_FILES = ['weights_v1.safetensors', 'weights_v2.safetensors', 'inputs.safetensors', 'expected_v1.safetensors', 'expected_v2.safetensors'];
+
+/** Model folders under `fixtures` with the fixture layout (model_dynamo.onnx and the files above), by name. */
+export const discoverFixtures = (fixtures: string): string[] => {
+  if (!existsSync(fixtures) || !statSync(fixtures).isDirectory()) throw new FixturesNotFoundError(`${fixtures}: not a folder`);
+  const found = readdirSync(fixtures).sort().filter((name) => {
+    const dir = join(fixtures, name);
+    return statSync(dir).isDirectory() && existsSync(join(dir, 'model_dynamo.onnx')) && FIXTURE_FILES.every((f) => existsSync(join(dir, f)));
+  });
+  if (found.length === 0) throw new FixturesNotFoundError(`${fixtures}: no model folder with model_dynamo.onnx, ${FIXTURE_FILES.join(', ')}`);
+  return found;
+};
 
 export const runDemo = async (options: { fixturesDir?: string } = {}): Promise<DemoReport> => {
   const fixtures = options.fixturesDir ?? defaultFixturesDir();
   const models: DemoModel[] = [];
-  for (const name of demoFixtures) models.push(await runFixture(fixtures, name));
-  const pass = models.every((m) => m.steps.every((s) => s.check === undefined || s.check.pass));
+  for (const name of discoverFixtures(fixtures)) {
+    try {
+      models.push(await runFixture(fixtures, name));
+    } catch (e) {
+      models.push({ name, onnx: join(fixtures, name, 'model_dynamo.onnx'), segments: { engine: 0, fallback: 0 }, steps: [], error: e instanceof Error ? e.message : String(e) });
+    }
+  }
+  const pass = models.every((m) => m.error === undefined && m.steps.every((s) => s.check === undefined || s.check.pass));
   return { engine: 'libtrtshim ref (CPU)', models, pass };
 };

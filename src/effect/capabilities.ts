@@ -9,7 +9,7 @@ import * as E from 'fp-ts/lib/Either.js';
 import { Engine, type QuantizedWeights, type WeightKernelFormat } from '../../ffi/engine.js';
 import { native } from '../../ffi/library.js';
 import { evaluateExprNative, mergeLoraNative } from '../../ffi/transform.js';
-import { mergeAdapters, type LoraErrorDetail, type WeightedAdapter } from '../lora/lora.js';
+import { checkAdapterTargets, mergeAdapters, type LoraErrorDetail, type WeightedAdapter } from '../lora/lora.js';
 import type { TensorStore } from '../weightmap/store.js';
 import type { Weights, WeightRole } from '../network/types.js';
 import type { Expr } from '../weightmap/expr.js';
@@ -17,7 +17,7 @@ import { evaluateExpr, type EvalError, type F32Tensor, type SourceLookup } from 
 import { openOrtSession, type SessionOpener } from '../model/fallback.js';
 import { readBlob } from '../model/file.js';
 import type { EngineOrigin } from '../model/model.js';
-import { heldValueDigest } from '../verify/expected.js';
+import { heldQuantizedDigest, heldValueDigest, type HeldForm } from '../verify/expected.js';
 
 /** The refitter calls the effect uses (ffi's Refitter has them). */
 export interface RefitterLike extends Disposable {
@@ -72,45 +72,34 @@ export interface ReadbackCapability {
   readonly expectedDigest: (segment: number, engine: Engine, value: StagedValue) => string | undefined;
 }
 
-/** How an engine holds a weight: what the digest it reports depends on. */
-export interface HeldFormat {
-  /** The engine's weight precision (float32, float16, bfloat16). */
-  readonly precision: string;
-  /** The weight's kernel format (quantized for kernels of quantized GEMMs and convolutions). */
-  readonly kernel: WeightKernelFormat | undefined;
-}
+/** How an engine holds a weight: what the digest it reports depends on (Engine.heldForms(): precision,
+ *  kernel format, and the packed layout of GEMM and convolution operands). */
+export type HeldFormat = HeldForm;
 
-/** The digest expected where the engine holds network-level values exactly: biases, norms, batch norm
- *  statistics (never packed: held in float32), and every weight of a float32 engine in kernels of no
- *  quantized format. Elsewhere (a kernel or constant of a reduced-precision or quantized engine, a quantized
- *  copy) the held values depend on whether and how the engine packs the weight (src/verify: HeldForm.packed,
- *  from the network definition), which a model does not carry: undefined, not compared. */
-export const exactHeldDigest = (value: StagedValue, held: HeldFormat): string | undefined => {
-  if (value.kind !== 'float') return undefined;
-  const packable = value.role === 'kernel' || value.role === 'constant';
-  const exact = !packable || (held.precision === 'float32' && (held.kernel === undefined || held.kernel.format === 'asPrecision'));
-  return exact ? heldValueDigest(value.data, { precision: 'float32' }) : undefined;
+/** The digest an engine holding a weight in `held` should report once `value` is applied: packed kernels
+ *  rounded to the engine's precision or quantized and dequantized by the TypeScript reference
+ *  (src/verify: heldValueDigest); already-quantized copies dequantized (heldQuantizedDigest). */
+export const heldDigest = (value: StagedValue, held: HeldFormat | undefined): string | undefined => {
+  if (held === undefined) return undefined;
+  if (value.kind === 'float') return heldValueDigest(value.data, held);
+  return held.packed === undefined ? undefined : heldQuantizedDigest(value.weights, held);
 };
 
 /** Read-back on libtrtshim's engines: Engine.weightDigests() for what an engine holds, and `expected` for the
- *  digest a staged value should give at the precision and kernel format the engine holds it in (default
- *  exactHeldDigest). An engine that cannot report fails the refit (ReadbackMismatch). */
-export const nativeReadback = (expected: (value: StagedValue, held: HeldFormat) => string | undefined = exactHeldDigest): ReadbackCapability => {
-  const formats = new WeakMap<Engine, { readonly precision: string; readonly kernels: ReadonlyMap<string, WeightKernelFormat> }>();
-  const heldFormat = (engine: Engine, layer: string, role: WeightRole): HeldFormat => {
-    let known = formats.get(engine);
+ *  digest a staged value should give as the engine holds it (default heldDigest, with the engine's
+ *  heldForms()). An engine that cannot report fails the refit (ReadbackMismatch). */
+export const nativeReadback = (expected: (value: StagedValue, held: HeldFormat | undefined) => string | undefined = heldDigest): ReadbackCapability => {
+  const forms = new WeakMap<Engine, ReadonlyMap<string, HeldForm>>();
+  const heldFormat = (engine: Engine, layer: string, role: WeightRole): HeldFormat | undefined => {
+    let known = forms.get(engine);
     if (known === undefined) {
-      known = { precision: engine.info().weightPrecision, kernels: new Map(engine.kernelFormats().map((k) => [`${k.layer}\u0000${k.role}`, k])) };
-      formats.set(engine, known);
+      known = engine.heldForms();
+      forms.set(engine, known);
     }
-    return { precision: known.precision, kernel: known.kernels.get(`${layer}\u0000${role}`) };
+    return known.get(`${layer}\u0000${role}`);
   };
   return {
-    engineDigests: (_segment, engine) => {
-      const digests = (engine as Engine & { weightDigests?: () => ReadonlyMap<string, string> }).weightDigests;
-      if (typeof digests !== 'function') throw new Error('this build cannot read engines back (no Engine.weightDigests)');
-      return digests.call(engine);
-    },
+    engineDigests: (_segment, engine) => engine.weightDigests(),
     expectedDigest: (_segment, engine, value) => expected(value, heldFormat(engine, value.layer, value.role)),
   };
 };
@@ -170,7 +159,7 @@ export const defaultTransform = (): EffectCapabilities['transform'] => (nativeTr
 
 /** LoRA merging, native where available (bit for bit as mergeAdapters). */
 export const defaultMerge = (): ((base: TensorStore, adapters: readonly WeightedAdapter[]) => E.Either<LoraErrorDetail, TensorStore>) =>
-  nativeTransformsAvailable() ? (base, adapters) => mergeLoraNative(base, adapters) : mergeAdapters;
+  nativeTransformsAvailable() ? (base, adapters) => E.chain(() => mergeLoraNative(base, adapters))(checkAdapterTargets(base, adapters)) : mergeAdapters;
 
 export const defaultCapabilities = (overrides: Partial<EffectCapabilities> = {}): EffectCapabilities => ({
   transform: defaultTransform(),

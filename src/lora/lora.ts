@@ -12,7 +12,7 @@ import * as E from 'fp-ts/lib/Either.js';
 import { moduleScaling, type AdapterConfig } from '../checkpoint/adapter.js';
 import type { F32Tensor } from '../weightmap/evaluate.js';
 import { normalizeName } from '../weightmap/match.js';
-import { overlayStore, readF32, type TensorStore } from '../weightmap/store.js';
+import { isFloatDtype, overlayStore, readF32, type TensorStore } from '../weightmap/store.js';
 
 export interface LoraModule {
   /** The module as the adapter names it. */
@@ -31,16 +31,23 @@ export interface LoraAdapter {
   readonly format: 'peft' | 'kohya';
   readonly modules: readonly LoraModule[];
   readonly tensors: TensorStore;
+  /** PEFT's target_modules (suffixes, or one regular expression over full module names): each must name
+   *  a module of the model the adapter goes on (checkAdapterTargets). */
+  readonly targetModules?: readonly string[] | string;
 }
 
 export type LoraErrorDetail =
   | { readonly _tag: 'InvalidAdapter'; readonly tensor?: string; readonly detail: string }
   | { readonly _tag: 'NoBaseWeight'; readonly module: string; readonly detail: string }
-  | { readonly _tag: 'DeltaShapeMismatch'; readonly module: string; readonly base: string; readonly expected: readonly number[]; readonly found: readonly number[] };
+  | { readonly _tag: 'DeltaShapeMismatch'; readonly module: string; readonly base: string; readonly expected: readonly number[]; readonly found: readonly number[] }
+  | { readonly _tag: 'UnsupportedAdapterSetting'; readonly setting: string; readonly detail: string }
+  | { readonly _tag: 'NonFiniteMerge'; readonly module: string; readonly base: string; readonly count: number; readonly scale: number };
 
 export const describeLoraError = (e: LoraErrorDetail): string =>
   e._tag === 'InvalidAdapter' ? `LoRA adapter${e.tensor ? ` tensor '${e.tensor}'` : ''}: ${e.detail}`
   : e._tag === 'NoBaseWeight' ? `LoRA module '${e.module}': ${e.detail}`
+  : e._tag === 'UnsupportedAdapterSetting' ? `LoRA adapter setting ${e.detail}`
+  : e._tag === 'NonFiniteMerge' ? `LoRA module '${e.module}': merging it into '${e.base}' at scale ${e.scale} gives ${e.count} non-finite value(s) (NaN or infinity)`
   : `LoRA module '${e.module}': the delta for '${e.base}' has shape [${e.found}], the base weight [${e.expected}]`;
 
 export class LoraError extends Error {
@@ -71,6 +78,10 @@ export const peftModules = (config: AdapterConfig, tensors: TensorStore): E.Eith
   const out: LoraModule[] = [];
   for (const [module, { a, b }] of [...byModule].sort(([x], [y]) => compare(x, y))) {
     if (a === undefined || b === undefined) return E.left({ _tag: 'InvalidAdapter', tensor: a ?? b, detail: `module '${module}' has no lora_${a === undefined ? 'A' : 'B'}` });
+    for (const name of [a, b]) {
+      const dtype = tensors.tensors.get(name)!.dtype;
+      if (!isFloatDtype(dtype)) return E.left({ _tag: 'InvalidAdapter', tensor: name, detail: `LoRA factors must be floating point (F32, F16, BF16, F64); found ${dtype}` });
+    }
     const { rank, scaling } = moduleScaling(config, module);
     const sa = tensors.tensors.get(a)!.shape;
     const sb = tensors.tensors.get(b)!.shape;
@@ -96,9 +107,13 @@ export const kohyaModules = (tensors: TensorStore): E.Either<LoraErrorDetail, Lo
   const out: LoraModule[] = [];
   for (const [module, { down, up }] of [...byModule].sort(([x], [y]) => compare(x, y))) {
     if (down === undefined || up === undefined) return E.left({ _tag: 'InvalidAdapter', tensor: down ?? up, detail: `module '${module}' has no lora_${down === undefined ? 'down' : 'up'}` });
+    const alphaName = `${module}.alpha`;
+    for (const name of [down, up, ...(tensors.tensors.has(alphaName) ? [alphaName] : [])]) {
+      const dtype = tensors.tensors.get(name)!.dtype;
+      if (!isFloatDtype(dtype)) return E.left({ _tag: 'InvalidAdapter', tensor: name, detail: `LoRA tensors must be floating point (F32, F16, BF16, F64); found ${dtype}` });
+    }
     const rank = tensors.tensors.get(down)!.shape[0];
     if (tensors.tensors.get(up)!.shape[1] !== rank) return E.left({ _tag: 'InvalidAdapter', tensor: up, detail: `lora_up's second dimension is not the rank ${rank}` });
-    const alphaName = `${module}.alpha`;
     const alpha = tensors.tensors.has(alphaName) ? tensors.toFloat32(alphaName)[0] : rank;
     out.push({ module, down, up, rank, scaling: alpha / rank, fanInFanOut: false });
   }
@@ -157,8 +172,48 @@ export interface WeightedAdapter {
  * may touch the same weight; deltas add in the order given. The base store is not changed; with no
  * adapters the base store itself is returned.
  */
+const PEFT_PREFIX = 'base_model.model.';
+
+/**
+ * Refuses what a merge would otherwise serve silently: a PEFT target_modules entry that names no module of
+ * the model (no base checkpoint weight, and no module of the adapter, matches it), and an adapter weight
+ * that is not a finite number.
+ */
+export const checkAdapterTargets = (base: TensorStore, adapters: readonly WeightedAdapter[]): E.Either<LoraErrorDetail, void> => {
+  let modules: string[] | undefined;
+  for (const { adapter, weight } of adapters) {
+    if (!Number.isFinite(weight)) return E.left({ _tag: 'UnsupportedAdapterSetting', setting: 'scale', detail: `scale: ${weight} is not a finite number` });
+    const targets = adapter.targetModules;
+    if (adapter.format !== 'peft' || targets === undefined) continue;
+    modules ??= [
+      ...[...base.tensors.keys()].filter((n) => n.endsWith('.weight')).map((n) => n.slice(0, -'.weight'.length)),
+      ...adapters.flatMap((a) => a.adapter.modules.map((m) => (m.module.startsWith(PEFT_PREFIX) ? m.module.slice(PEFT_PREFIX.length) : m.module))),
+    ];
+    const names = modules;
+    if (typeof targets === 'string') {
+      let pattern: RegExp;
+      try {
+        pattern = new RegExp(`^(?:${targets})$`);
+      } catch (e) {
+        return E.left({ _tag: 'UnsupportedAdapterSetting', setting: 'target_modules', detail: `target_modules: '${targets}' is not a regular expression: ${(e as Error).message}` });
+      }
+      if (!names.some((n) => pattern.test(n) || pattern.test(`${PEFT_PREFIX}${n}`))) {
+        return E.left({ _tag: 'UnsupportedAdapterSetting', setting: 'target_modules', detail: `target_modules: '${targets}' matches no module of the model` });
+      }
+    } else {
+      const missing = targets.filter((t) => !names.some((n) => n === t || n.endsWith(`.${t}`)));
+      if (missing.length > 0) {
+        return E.left({ _tag: 'UnsupportedAdapterSetting', setting: 'target_modules', detail: `target_modules: ${missing.map((m) => `'${m}'`).join(', ')} match${missing.length === 1 ? 'es' : ''} no module of the model` });
+      }
+    }
+  }
+  return E.right(undefined);
+};
+
 export const mergeAdapters = (base: TensorStore, adapters: readonly WeightedAdapter[]): E.Either<LoraErrorDetail, TensorStore> => {
   if (adapters.length === 0) return E.right(base);
+  const checked = checkAdapterTargets(base, adapters);
+  if (E.isLeft(checked)) return checked;
   const merged = new Map<string, F32Tensor>();
   for (const { adapter, weight } of adapters) {
     for (const m of adapter.modules) {
@@ -181,6 +236,9 @@ export const mergeAdapters = (base: TensorStore, adapters: readonly WeightedAdap
       } else {
         for (let k = 0; k < data.length; k++) data[k] = Math.fround(data[k] + delta.data[k]);
       }
+      let bad = 0;
+      for (let k = 0; k < data.length; k++) if (!Number.isFinite(data[k]) && Number.isFinite(current.data[k])) bad++;
+      if (bad > 0) return E.left({ _tag: 'NonFiniteMerge', module: m.module, base: target, count: bad, scale: m.scaling * weight });
       merged.set(target, { shape: current.shape, data });
     }
   }

@@ -175,6 +175,68 @@ export const decodeHeader = (bytes: Uint8Array, expectedSha256: string, headerOf
   }
   const targets = new Set(header.weightMap.targets.map((x) => x.id));
   for (const id of Object.keys(header.current)) if (!targets.has(id)) return E.left(`current digests name '${id}', which the weight map does not have`);
-  return E.right(header);
+  const crossChecked = crossCheckHeader(header);
+  return crossChecked === undefined ? E.right(header) : E.left(crossChecked);
+};
+
+const isCount = (n: unknown): boolean => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
+
+/**
+ * The header's fields checked against each other before anything uses them (a damaged or hostile header
+ * is an error naming the field, never a crash later): tensor names unique with valid shapes; model inputs
+ * and outputs and every segment's inputs and outputs in the tensor table; segment indices unique; every
+ * segment input a model input or an output of an earlier segment; weight map targets unique and naming an
+ * existing segment of their kind. Undefined when consistent, else the problem.
+ */
+export const crossCheckHeader = (header: ModelHeader): string | undefined => {
+  const types = new Map<string, TensorDesc>();
+  for (const [i, t] of header.tensors.entries()) {
+    if (types.has(t.name)) return `tensors[${i}]: tensor '${t.name}' is listed twice`;
+    if (!t.shape.every(isCount)) return `tensors[${i}] ('${t.name}'): shape [${t.shape.join(', ')}] is not a list of non-negative integers`;
+    types.set(t.name, t);
+  }
+  const available = new Set<string>();
+  for (const [i, t] of header.inputs.entries()) {
+    if (!t.shape.every(isCount)) return `inputs[${i}] ('${t.name}'): shape [${t.shape.join(', ')}] is not a list of non-negative integers`;
+    if (available.has(t.name)) return `inputs[${i}]: input '${t.name}' is listed twice`;
+    const known = types.get(t.name);
+    if (known === undefined) return `inputs[${i}]: input '${t.name}' is not in the header's tensor table`;
+    if (known.dtype !== t.dtype) return `inputs[${i}]: input '${t.name}' is ${t.dtype}, but the tensor table says ${known.dtype}`;
+    available.add(t.name);
+  }
+  const kinds = new Map<number, SegmentRecord['kind']>();
+  for (const [i, s] of header.segments.entries()) {
+    if (!isCount(s.index)) return `segments[${i}].index: ${s.index} is not a non-negative integer`;
+    if (kinds.has(s.index)) return `segments[${i}].index: segment ${s.index} is listed twice`;
+    kinds.set(s.index, s.kind);
+    if (s.kind === 'engine' && (!isCount(s.layers) || !isCount(s.weights))) return `segments[${i}] (segment ${s.index}): layers ${s.layers} / weights ${s.weights} are not counts`;
+    if (s.kind === 'fallback') {
+      for (const [k, t] of s.initializers.entries()) {
+        if (!t.shape.every(isCount)) return `segments[${i}].initializers[${k}] ('${t.name}'): shape [${t.shape.join(', ')}] is not a list of non-negative integers`;
+      }
+    }
+    for (const [k, name] of s.inputs.entries()) {
+      if (!types.has(name)) return `segments[${i}].inputs[${k}] (segment ${s.index}): tensor '${name}' is not in the header's tensor table`;
+      if (!available.has(name)) return `segments[${i}].inputs[${k}] (segment ${s.index}): tensor '${name}' is neither a model input nor an output of an earlier segment`;
+    }
+    for (const [k, name] of s.outputs.entries()) {
+      if (!types.has(name)) return `segments[${i}].outputs[${k}] (segment ${s.index}): tensor '${name}' is not in the header's tensor table`;
+    }
+    for (const name of s.outputs) available.add(name);
+  }
+  for (const [i, name] of header.outputs.entries()) {
+    if (!types.has(name)) return `outputs[${i}]: output '${name}' is not in the header's tensor table`;
+    if (!available.has(name)) return `outputs[${i}]: output '${name}' is neither a model input nor an output of any segment`;
+  }
+  const ids = new Set<string>();
+  for (const [i, t] of header.weightMap.targets.entries()) {
+    if (ids.has(t.id)) return `weightMap.targets[${i}]: target '${t.id}' is listed twice`;
+    ids.add(t.id);
+    const kind = kinds.get(t.segment);
+    if (kind === undefined) return `weightMap.targets[${i}]: target '${t.id}' names segment ${t.segment}, which the header has no segment of`;
+    if (kind !== t.kind) return `weightMap.targets[${i}]: target '${t.id}' is a ${t.kind} weight, but segment ${t.segment} is a ${kind} segment`;
+    if (!t.shape.every(isCount)) return `weightMap.targets[${i}] ('${t.id}'): shape [${t.shape.join(', ')}] is not a list of non-negative integers`;
+  }
+  return undefined;
 };
 

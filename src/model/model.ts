@@ -55,6 +55,20 @@ export class ModelRunError extends Error {
   }
 }
 
+/** The typed arrays that hold each dtype (float16 and bfloat16 are 16-bit patterns; bool one byte). */
+const arraysOf: Readonly<Record<string, readonly string[]>> = {
+  float32: ['Float32Array'], float64: ['Float64Array'], float16: ['Uint16Array'], bfloat16: ['Uint16Array'],
+  int8: ['Int8Array'], uint8: ['Uint8Array'], bool: ['Uint8Array'], int16: ['Int16Array'], uint16: ['Uint16Array'],
+  int32: ['Int32Array'], uint32: ['Uint32Array'], int64: ['BigInt64Array'], uint64: ['BigUint64Array'],
+};
+
+/** Undefined when `data` is a typed array that holds `dtype`; else what was expected and found. */
+export const typedArrayMismatch = (dtype: string, data: unknown): { readonly expected: string; readonly found: string } | undefined => {
+  const found = ArrayBuffer.isView(data) ? (data as { constructor: { name: string } }).constructor.name : data === null ? 'null' : typeof data;
+  const holders = arraysOf[dtype] ?? [];
+  return ArrayBuffer.isView(data) && holders.includes(found) ? undefined : { expected: `${dtype} (${holders.length > 0 ? holders.join(' or ') : 'a typed array'})`, found };
+};
+
 export interface ModelDescription {
   readonly inputs: readonly TensorDesc[];
   readonly outputs: readonly string[];
@@ -125,6 +139,11 @@ export class RefitModel implements Disposable {
       const given = inputs[input.name];
       if (given === undefined) throw new ModelRunError({ _tag: 'MissingModelInput', input: input.name });
       const tensor: Tensor = ArrayBuffer.isView(given) ? { dtype: input.dtype, shape: input.shape, data: given as TensorData } : (given as Tensor);
+      // A typed array whose element type is not the input's would be reinterpreted bit for bit: refused.
+      const wrongArray = typedArrayMismatch(tensor.dtype, tensor.data);
+      if (wrongArray !== undefined) {
+        throw new ModelRunError({ _tag: 'InputMismatch', input: input.name, expected: wrongArray.expected, found: ArrayBuffer.isView(given) ? wrongArray.found : `a ${tensor.dtype} tensor holding ${wrongArray.found}` });
+      }
       if (tensor.dtype !== input.dtype || tensor.data.length !== elementCount(input.shape)) {
         throw new ModelRunError({ _tag: 'InputMismatch', input: input.name, expected: `${input.dtype}[${input.shape}]`, found: `${tensor.dtype} with ${tensor.data.length} elements` });
       }

@@ -22,6 +22,7 @@ import { openCheckpointTE } from '../checkpoint/checkpoint.js';
 import { describeCheckpointIssue } from '../checkpoint/errors.js';
 import { compile, compileNetwork, CompileError, type CompileOptions } from '../compile/index.js';
 import { defaultMerge, type EffectCapabilities } from '../effect/capabilities.js';
+import { fusedGroupsOf } from '../effect/groups.js';
 import { describeEffectError, executePlanTE, type EffectErrorDetail, type RefitReport } from '../effect/effect.js';
 import { baseWeightOf, describeLoraError } from '../lora/lora.js';
 import { openLoraTE } from '../lora/open.js';
@@ -205,7 +206,7 @@ export class MutableModule implements Disposable, AsyncDisposable {
       throw new MutableModuleError({ _tag: 'CompileFailed', reason, detail: (e as Error).message });
     }
     const store = stateStore(state);
-    const plan = planRefit(model.weightMap, store, { current: model.current, checkFinite: false });
+    const plan = planRefit(model.weightMap, store, { current: model.current, checkFinite: false, fusedGroups: fusedGroupsOf(model) });
     const executed = await executePlanTE(model, plan, store, signal ? { signal } : {}, caps)();
     if (E.isLeft(executed)) {
       model[Symbol.dispose]();
@@ -368,7 +369,7 @@ export class MutableModule implements Disposable, AsyncDisposable {
       return this.#report({ decision: 'none', reason: `${list(tensors)} feed no weight of the model`, tensors, weightsMoved: 0, bytesMoved: 0, milliseconds: performance.now() - started });
     }
     const store = stateStore(snapshot);
-    const plan = planRefit({ ...map, targets }, store, { current: this.#model.current, checkFinite: false });
+    const plan = planRefit({ ...map, targets }, store, { current: this.#model.current, checkFinite: false, fusedGroups: fusedGroupsOf(this.#model) });
     const executed = await executePlanTE(this.#model, plan, store, signal ? { signal } : {}, this.options.capabilities ?? {})();
     if (E.isLeft(executed)) throw new MutableModuleError(executed.left._tag === 'Aborted' ? { _tag: 'Aborted' } : { _tag: 'RefitFailed', decision: 'refit', detail: executed.left });
     this.#settle(snapshot, dirty);

@@ -9,6 +9,7 @@
 import * as E from 'fp-ts/lib/Either.js';
 import type { AnalyzedGraph } from '../trace/analyze.js';
 import { elementCount, type Tensor, type TensorData } from '../trace/ir.js';
+import { typedArrayMismatch } from '../model/model.js';
 import { partitionGraph, PartitionError, type Partition, type PartitionOptions, type Segment, type SegmentKind } from './index.js';
 import { lowerContext, lowerSegment, LowerError, type LoweredSegment } from '../network/lower.js';
 import type { NetworkDefinition } from '../network/types.js';
@@ -120,6 +121,8 @@ export class CompiledModel implements Disposable {
       const type = this.analyzed.types.get(input.name)!;
       if (given === undefined) throw new CompileError(`no value for model input '${input.name}'`);
       const tensor: Tensor = ArrayBuffer.isView(given) ? { dtype: type.dtype, shape: type.shape, data: given as TensorData } : (given as Tensor);
+      const wrongArray = typedArrayMismatch(tensor.dtype, tensor.data);
+      if (wrongArray !== undefined) throw new CompileError(`model input '${input.name}': expected ${wrongArray.expected}, found ${wrongArray.found}`);
       if (tensor.dtype !== type.dtype || elementCount(type.shape) !== tensor.data.length) {
         throw new CompileError(`model input '${input.name}': expected ${type.dtype}[${type.shape}], found ${tensor.dtype} with ${tensor.data.length} elements`);
       }

@@ -12,8 +12,12 @@ export const MAX_OPSET = 21;
 /** A tensor larger than this is refused as malformed rather than allocated. */
 const MAX_ELEMENTS = 2 ** 31 - 1;
 
-/** Returns the bytes of an external data file named by a tensor's `location`, or a reason. */
-export type ExternalDataResolver = (location: string) => E.Either<string, Uint8Array>;
+/**
+ * Returns bytes [offset, offset + length) of the external data file named by a tensor's `location`, or a
+ * reason. Only that range is read; a range past the file's end is a reason, as is a file that is not a
+ * regular file or lies outside the model's folder (see load.ts).
+ */
+export type ExternalDataResolver = (location: string, range: { readonly offset: number; readonly length: number }) => E.Either<string, Uint8Array>;
 
 const onnxToDType: Record<number, DType> = {
   [OnnxDataType.FLOAT]: 'float32',
@@ -70,15 +74,18 @@ const decodeTensor = (raw: RawTensor, fallbackName: string, external: ExternalDa
     const location = entries.get('location') ?? '';
     if (location === '') fail({ _tag: 'ExternalData', tensor: name, file: '', reason: 'no location given' });
     if (external === undefined) fail({ _tag: 'ExternalData', tensor: name, file: location, reason: 'the model was given as bytes with no directory to resolve external data from' });
-    const file = external!(location);
-    if (E.isLeft(file)) fail({ _tag: 'ExternalData', tensor: name, file: location, reason: file.left });
-    const bytes = (file as E.Right<Uint8Array>).right;
     const offset = Number(entries.get('offset') ?? '0');
     const length = entries.has('length') ? Number(entries.get('length')) : count * size;
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > bytes.byteLength) {
-      fail({ _tag: 'ExternalData', tensor: name, file: location, reason: `range offset ${entries.get('offset') ?? 0} length ${length} lies outside the file of ${bytes.byteLength} bytes` });
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      fail({ _tag: 'ExternalData', tensor: name, file: location, reason: `offset '${entries.get('offset') ?? 0}' / length '${entries.get('length') ?? length}' are not byte counts` });
     }
-    data = fromRaw(bytes.subarray(offset, offset + length), `external data`);
+    // The declared length must be the tensor's size before anything is read (a huge length is not read).
+    if (length !== count * size) {
+      fail({ _tag: 'MalformedModel', reason: `tensor '${name}' (${dtype}[${shape}]) needs ${count * size} bytes of external data; found ${length}` });
+    }
+    const file = external!(location, { offset, length });
+    if (E.isLeft(file)) fail({ _tag: 'ExternalData', tensor: name, file: location, reason: file.left });
+    data = fromRaw((file as E.Right<Uint8Array>).right, `external data`);
   } else if (raw.rawData !== undefined && raw.rawData.length > 0) {
     data = fromRaw(raw.rawData, 'raw_data');
   } else {

@@ -5,39 +5,41 @@
 import * as E from 'fp-ts/lib/Either.js';
 import * as TE from 'fp-ts/lib/TaskEither.js';
 import { pipe } from 'fp-ts/lib/function.js';
-import { readFile } from 'node:fs/promises';
-import { readFileSync } from 'node:fs';
-import { dirname, isAbsolute, join, normalize, sep } from 'node:path';
+import { dirname, join } from 'node:path';
+import { allowedRoots, readConfinedFile, readConfinedRange, relativeInside } from '../checkpoint/confine.js';
 import { decodeOnnx, type ExternalDataResolver } from './decode.js';
 import { analyzeGraph, type AnalyzedGraph, type AnalyzeOptions } from './analyze.js';
 import { TraceError, type TraceErrorDetail } from './errors.js';
 import type { Graph } from './ir.js';
 
-/** Resolves external data files relative to the model's directory, refusing paths that leave it. */
-export const directoryResolver = (directory: string): ExternalDataResolver => {
-  const cache = new Map<string, Uint8Array>();
-  return (location) => {
-    const relative = normalize(location);
-    if (isAbsolute(relative) || relative === '..' || relative.startsWith(`..${sep}`)) return E.left('the location leaves the model directory');
-    const cached = cache.get(relative);
-    if (cached) return E.right(cached);
-    try {
-      const bytes = new Uint8Array(readFileSync(join(directory, relative)));
-      cache.set(relative, bytes);
-      return E.right(bytes);
-    } catch (e) {
-      return E.left((e as Error).message);
-    }
+/**
+ * Resolves external data files relative to the model's directory. A location that is empty, absolute, a
+ * URL or leaves the folder lexically is refused; the file is then opened (non-blocking) and refused unless
+ * it is a regular file whose real path lies inside the folder's real path (or, when the model file given
+ * as `namingFile` is itself a link, inside the model file's real folder): a link to /etc/passwd, a folder
+ * linked to /, a FIFO or /dev/zero are refused before anything is read. Only the requested range is read,
+ * after it is checked against the file's size.
+ */
+export const directoryResolver = (directory: string, namingFile?: string): ExternalDataResolver => {
+  let roots: string[] | undefined;
+  return (location, range) => {
+    const relative = relativeInside(location);
+    if (E.isLeft(relative)) return E.left(`the location leaves the model directory: ${relative.left}`);
+    roots ??= allowedRoots(directory, namingFile);
+    return readConfinedRange(join(directory, relative.right), roots, range.offset, range.length);
   };
+};
+
+/** The model file's bytes: a regular file (a FIFO or device given as the model is refused at once). */
+const readModelBytes = (path: string): E.Either<TraceErrorDetail, Uint8Array> => {
+  const opened = readConfinedFile(path, undefined);
+  return E.isLeft(opened) ? E.left({ _tag: 'MalformedModel', reason: `cannot read '${path}': ${opened.left}` }) : opened;
 };
 
 export const loadOnnxTE = (path: string): TE.TaskEither<TraceErrorDetail, Graph> =>
   pipe(
-    TE.tryCatch(
-      () => readFile(path),
-      (e): TraceErrorDetail => ({ _tag: 'MalformedModel', reason: `cannot read '${path}': ${(e as Error).message}` }),
-    ),
-    TE.chainEitherK((bytes) => decodeOnnx(new Uint8Array(bytes), directoryResolver(dirname(path)))),
+    TE.fromEither(readModelBytes(path)),
+    TE.chainEitherK((bytes) => decodeOnnx(bytes, directoryResolver(dirname(path), path))),
   );
 
 export const traceOnnxTE = (path: string, options: AnalyzeOptions = {}): TE.TaskEither<TraceErrorDetail, AnalyzedGraph> =>

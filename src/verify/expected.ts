@@ -12,14 +12,17 @@
  *   - biases (fused or not), norm scales and shifts, batch norm statistics, constants read as tensors:
  *     float32, exactly the network-level values. Integer constants: their raw bytes.
  * So `held` says, besides the precision and the kernel format, whether and in what layout the weight is
- * packed (`packed`): `packedLayouts(net)` works that out from a network definition with the builder's
- * rules. Without `packed` a weight counts as held exactly.
+ * packed (`packed`, a field added for this): Engine.heldForms() reads the whole `held` from an engine
+ * (trtshim_engine_weight_held), and `packedLayouts(net)` works the layouts out from a network definition
+ * with the builder's rules (tests hold the two equal). Without `packed` a weight counts as held exactly.
+ * A kernel staged already quantized (a compressed-tensors checkpoint) reads back as value(q) * scale:
+ * heldQuantizedDigest.
  *
  * Rounding and quantizing here use src/reference/half.ts and src/quant/reference.ts, never libtrtshim.
  */
-import type { WeightKernelFormat } from '../../ffi/engine.js';
+import type { QuantizedWeights, WeightKernelFormat } from '../../ffi/engine.js';
 import { networkWeights, type Layer, type NetworkDefinition, type Weights, type WeightRole } from '../network/types.js';
-import { dequantize, quantize, type Geometry } from '../quant/reference.js';
+import { dequantize, quantize, unpackInt4, type Geometry } from '../quant/reference.js';
 import { narrow16, widen16 } from '../reference/half.js';
 import { valueDigest } from '../weightmap/digest.js';
 
@@ -145,4 +148,20 @@ export const expectedHeldDigests = (
     out.set(k, heldValueDigest(networkValues(w.weights), { precision, kernel: formats.get(k), packed: packed.get(k) }));
   }
   return out;
+};
+
+/**
+ * The digest an engine should report for a kernel staged already quantized (Refitter.setQuantizedWeights:
+ * values and scales of a compressed-tensors checkpoint, zero points all 0): the dequantized values
+ * value(q) * scale in float32, in the weight's declared layout. `held` must be packed (heldForms()).
+ */
+export const heldQuantizedDigest = (q: QuantizedWeights, held: HeldForm): string => {
+  const p = held.packed;
+  if (p === undefined) throw new RangeError('heldQuantizedDigest: the weight is not held as a packed operand');
+  const g: Geometry = { channels: p.channels, depth: p.depth, transposed: p.transposed };
+  const format = { kind: q.format, groupSize: q.groupSize ?? held.kernel?.groupSize ?? 128 } as const;
+  const bytes = new Uint8Array(q.values.buffer, q.values.byteOffset, q.values.byteLength);
+  const values =
+    q.format === 'int4' ? unpackInt4(bytes, g) : q.format === 'int8' ? new Int8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength) : bytes;
+  return valueDigest(dequantize(format, { values, scales: q.scales }, g));
 };

@@ -15,7 +15,7 @@ import { lowerContext, lowerSegment } from '../network/lower.js';
 import { networkWeights, type WeightRole } from '../network/types.js';
 import { exprSources, ExprCodec, simplify, type Expr, type CastTarget } from './expr.js';
 import type { F32Tensor } from './evaluate.js';
-import { CheckpointIndex, isAmbiguity, isDegenerate, type Evidence, type EvidenceKind, type Match, type MatchMethod, WRAPPER_PREFIXES } from './match.js';
+import { CheckpointIndex, isAmbiguity, isDegenerate, normalizeName, type Evidence, type EvidenceKind, type Match, type MatchMethod, WRAPPER_PREFIXES } from './match.js';
 import { legacyScope, type NodeScopes } from './scopes.js';
 import type { TensorStore } from './store.js';
 import { isUntiedCopy, untiedBase } from './untie.js';
@@ -137,6 +137,9 @@ export type WeightMapErrorDetail =
   | { readonly _tag: 'UnmappedWeights'; readonly weights: readonly { readonly id: string; readonly reason: string }[]; readonly unaccounted?: readonly string[] }
   | { readonly _tag: 'AmbiguousWeights'; readonly weights: readonly AmbiguousWeight[] }
   | { readonly _tag: 'MapFileMismatch'; readonly entry: string; readonly reason: string }
+  /** Checkpoint tensors no weight reads although other parameters of their module feed weights, with values
+   *  that are not a fill: the graph dropped them, so it was exported from other weights (or bakes them in). */
+  | { readonly _tag: 'CheckpointDisagrees'; readonly tensors: readonly string[] }
   | { readonly _tag: 'LowerFailed'; readonly segment: number; readonly reason: string };
 
 export const describeAmbiguity = (weights: readonly AmbiguousWeight[]): string =>
@@ -151,6 +154,9 @@ export const describeWeightMapError = (e: WeightMapErrorDetail): string => {
         + (e.unaccounted !== undefined && e.unaccounted.length > 0 ? `; and checkpoint tensor(s) ${e.unaccounted.join(', ')} feed no weight: the map missed how they relate (a map file can say it)` : '');
     case 'AmbiguousWeights': return describeAmbiguity(e.weights);
     case 'MapFileMismatch': return `map file entry '${e.entry}': ${e.reason}`;
+    case 'CheckpointDisagrees':
+      return `checkpoint tensor(s) ${e.tensors.join(', ')} feed no weight, although other parameters of their module do, and hold values the exporter would not have dropped: `
+        + 'the checkpoint is not the one the model was exported with. Compile with the checkpoint the ONNX file was exported from, then refit to this one';
     case 'LowerFailed': return `engine segment ${e.segment} could not be lowered: ${e.reason}`;
   }
 };
@@ -381,6 +387,15 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
   for (const name of analyzed.constants.keys()) {
     if (isUntiedCopy(name) && (readers.get(name) ?? []).some((n) => n.opType !== 'Identity')) push(directUses, untiedBase(name), name);
   }
+  // Names that identify some use by its own evidence: unshared initializers, the direct use of a shared one
+  // the legacy exporter named, Identity aliases. Normalized like checkpoint names.
+  const claimed = new Set<string>();
+  for (const name of analyzed.constants.keys()) {
+    const direct = directUses.get(untiedBase(name));
+    if (!isUntiedCopy(name)) claimed.add(normalizeName(name, prefixes));
+    else if (direct !== undefined && direct.length === 1 && direct[0] === name) claimed.add(normalizeName(untiedBase(name), prefixes));
+  }
+  for (const n of analyzed.graph.nodes) if (n.opType === 'Identity') claimed.add(normalizeName(n.outputs[0], prefixes));
   const evidenceOf = (name: string, extraScopes: readonly string[]): Evidence => {
     const base = untiedBase(name);
     const direct = directUses.get(base);
@@ -438,13 +453,21 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
       const evidence = evidenceOf(name, extraScopes);
       const entry = [name, ...evidence.aliases, ...evidence.names].find((n) => mapFile[n] !== undefined);
       const folded = entry === undefined ? matchFoldedBias(name, value) : undefined;
-      const found = entry !== undefined ? fromMapFile(entry, value) : folded ?? index.match({ name: untiedBase(name), value, byName: !isUntiedCopy(name), evidence, ...(suffix !== undefined ? { suffix } : {}) });
+      const found = entry !== undefined ? fromMapFile(entry, value) : folded ?? index.match({ name: untiedBase(name), value, byName: !isUntiedCopy(name), evidence, claimed, ...(suffix !== undefined ? { suffix } : {}) });
       if (isAmbiguity(found)) {
         if (value.data.length <= 1) result = { kind: 'constant', reason: 'a scalar written by the exporter' };
         else {
           ambiguousLeaves.set(name, found.candidates);
           result = { kind: 'unmapped', reason: `several checkpoint tensors hold its value: ${found.candidates.join(', ')}` };
         }
+      } else if (found && found.method === 'name-only' && index.nameOnlyDoubt(found, value) !== undefined) {
+        // The checkpoint holds other values under this name: the ONNX file was exported from other weights,
+        // or the exporter transformed the parameter and kept its name. Building from the checkpoint would be
+        // a guess between the two.
+        result = {
+          kind: 'unmapped',
+          reason: `checkpoint tensor '${exprSources(found.expr)[0]}' holds other values than initializer '${untiedBase(name)}' and ${index.nameOnlyDoubt(found, value)}: compile with the checkpoint the model was exported with, then refit to this one`,
+        };
       } else if (found) {
         record(name, found);
         result = { kind: 'mapped', match: found };
@@ -540,6 +563,12 @@ export const buildWeightMap = (input: WeightMapInput, options: WeightMapOptions 
       });
     } else unaccounted.push(name);
   }
+  // A module whose weight feeds the engines but whose non-degenerate bias (or BatchNorm shift) feeds nothing:
+  // the exporter only drops zeros, so this checkpoint is not the one the graph was exported from.
+  const moduleOf = (n: string) => n.slice(0, Math.max(0, n.lastIndexOf('.')));
+  const usedModules = new Set([...users.keys()].map(moduleOf));
+  const disagreeing = unaccounted.filter((n) => moduleOf(n) !== '' && usedModules.has(moduleOf(n)));
+  if (disagreeing.length > 0 && !options.allowUnmapped) return E.left({ _tag: 'CheckpointDisagrees', tensors: disagreeing });
   let finalTargets = targets;
   const unmapped = targets.filter((x) => x.status === 'unmapped');
   if (unmapped.length > 0 && unaccounted.length === 0) {

@@ -15,7 +15,7 @@
  * checkpoint where they differ is refused. Anything else is Ambiguous, for the user to settle (a map file).
  */
 import { transposeF32, bnScale, type F32Tensor } from './evaluate.js';
-import { type Expr, source } from './expr.js';
+import { exprSources, type Expr, source } from './expr.js';
 import { fingerprint, hashRange, sameValues } from './fingerprint.js';
 import { isFloatDtype, type TensorStore } from './store.js';
 
@@ -241,6 +241,9 @@ export interface MatchRequest {
   readonly evidence: Evidence;
   /** The last name component the checkpoint tensor has for the weight's role (`weight`, `bias`). */
   readonly suffix?: string;
+  /** Checkpoint tensors that other uses' own names or aliases name: a fill equal to one of them is not
+   *  evidence that this use is that parameter too. */
+  readonly claimed?: ReadonlySet<string>;
 }
 
 /** Shapes agree when they are equal once size-1 axes are dropped (a bias [C] read as [1, C, 1, 1]). */
@@ -439,6 +442,24 @@ export class CheckpointIndex {
     return { expr, conv, bn: f.bn, epsilon: f.epsilon, settled };
   }
 
+  /**
+   * A checkpoint tensor whose name is the initializer's but whose values are not (a 'name-only' match) is
+   * the same parameter only if no transform the exporter keeps names through could explain the change: a
+   * BatchNorm folded into a convolution keeps the convolution's names (weight and bias), and a square
+   * matrix stored transposed keeps its shape. The reason it may not be, or undefined when it may.
+   */
+  nameOnlyDoubt(m: Match, v: F32Tensor): string | undefined {
+    const name = exprSources(m.expr)[0];
+    const t = name === undefined ? undefined : this.values.get(name);
+    if (t === undefined) return 'it names no checkpoint tensor';
+    if (!sameShape(t.shape, v.shape)) return `checkpoint tensor '${name}' has shape [${t.shape}], the initializer [${v.shape}]`;
+    if (v.shape.length === 2 && v.shape[0] === v.shape[1]) return `'${name}' is square: a transposed copy would keep its name and shape`;
+    const channels = v.shape[0];
+    const bn = this.bnGroups.find((g) => g.channels === channels);
+    if (bn !== undefined) return `a BatchNorm of ${channels} channels ('${bn.prefix}*') could have been folded into it under the same name`;
+    return undefined;
+  }
+
   /** A folded bias, given the fold found for the same convolution's weight. */
   foldBias(v: F32Tensor, fold: { conv: string; bn: BnGroup; epsilon: number }): Expr | undefined {
     const { bn, epsilon } = fold;
@@ -476,7 +497,10 @@ export class CheckpointIndex {
   /** Equal-valued candidates for `v` (or its transpose), settled by the request's evidence. */
   private byValue(v: F32Tensor, req: MatchRequest, transposed: boolean): Match | Ambiguity | undefined {
     const target = transposed ? transposeF32(v, [1, 0]) : v;
-    const equal = this.equal(target).filter((n) => compatibleShapes(this.values.get(n)!.shape, target.shape));
+    const degenerate = isDegenerate(v.data);
+    const own = new Set([...req.evidence.names, ...req.evidence.aliases].map((n) => normalizeName(n, this.prefixes)));
+    const equal = this.equal(target).filter((n) => compatibleShapes(this.values.get(n)!.shape, target.shape))
+      .filter((n) => !degenerate || req.claimed === undefined || !req.claimed.has(normalizeName(n, this.prefixes)) || own.has(normalizeName(n, this.prefixes)));
     if (equal.length === 0) return undefined;
     let chosen = equal[0];
     let settled: Settlement | undefined;
@@ -513,6 +537,8 @@ export class CheckpointIndex {
     }
     const rows = this.rowsCover(v, req);
     if (isAmbiguity(rows)) return rows;
+    // A fill assembled from pieces of other tensors proves nothing about which pieces: only evidence could.
+    if (rows && isDegenerate(v.data)) return { ambiguous: true, candidates: exprSources(rows.expr) };
     if (rows) return { expr: rows.expr, method: 'rows', alternatives: [], ...(rows.settled.length > 0 ? { settled: rows.settled } : {}) };
     if (v.shape.length === 2) {
       const rowsT = this.rowsCover(transposeF32(v, [1, 0]), req);

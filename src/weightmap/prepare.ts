@@ -1,9 +1,9 @@
 /**
  * Graph rewrites that make an exported graph refittable, applied before tracing (pure: graph and build
  * checkpoint in, graph out; outputs are unchanged at the build weights):
- *  - zero biases the exporter dropped come back: a Gemm without C whose weight is a checkpoint tensor
- *    `<m>.weight`, where the checkpoint's `<m>.bias` is all zeros of the output width, gets that bias as C
- *    (the dynamo exporter removes GPT-2's zero Conv1D biases, leaving a fine-tuned bias nowhere to go);
+ *  - zero biases the exporter dropped come back where the structure proves whose they are
+ *    (restoreDroppedBiases: the dynamo exporter removes GPT-2's zero Conv1D biases, zero convolution biases,
+ *    folded BatchNorm shifts of a fresh model, leaving a fine-tuned value nowhere to go);
  *  - every use of a shared float initializer gets its own initializer (untie.ts).
  */
 import { tensorOf, type Graph, type Node } from '../trace/ir.js';
@@ -12,37 +12,10 @@ import { CheckpointIndex, isAmbiguity, normalizeName, WRAPPER_PREFIXES } from '.
 import { readF32, type TensorStore } from './store.js';
 import { isUntiedCopy, untiedBase, untieSharedInitializers } from './untie.js';
 
-export const restoreZeroBiases = (graph: Graph, checkpoint: TensorStore, prefixes: readonly string[] = WRAPPER_PREFIXES): Graph => {
-  const initializers = new Map(graph.initializers.map((i) => [i.name, i.tensor]));
-  const byNormalized = new Map<string, string>();
-  for (const name of checkpoint.tensors.keys()) byNormalized.set(normalizeName(name, prefixes), name);
-  const taken = new Set([...initializers.keys(), ...graph.nodes.flatMap((n) => n.outputs), ...graph.inputs.map((i) => i.name)]);
-  const added: { name: string; values: number }[] = [];
-  const nodes = graph.nodes.map((node): Node => {
-    if (node.opType !== 'Gemm' || (node.inputs[2] ?? '') !== '') return node;
-    const weight = initializers.get(node.inputs[1]);
-    if (weight === undefined || weight.shape.length !== 2) return node;
-    const checkpointName = byNormalized.get(normalizeName(node.inputs[1], prefixes));
-    if (checkpointName === undefined || !checkpointName.endsWith('.weight')) return node;
-    const transB = node.attributes['transB'];
-    const width = transB?.kind === 'int' && transB.value === 1 ? weight.shape[0] : weight.shape[1];
-    const biasName = `${checkpointName.slice(0, -'weight'.length)}bias`;
-    const bias = readF32(checkpoint, biasName);
-    if (bias === undefined || bias.data.length !== width || bias.data.some((v) => v !== 0)) return node;
-    let name = normalizeName(biasName, prefixes);
-    while (taken.has(name)) name = `${name}_`;
-    taken.add(name);
-    added.push({ name, values: width });
-    return { ...node, inputs: [node.inputs[0], node.inputs[1], name] };
-  });
-  if (added.length === 0) return graph;
-  return { ...graph, nodes, initializers: [...graph.initializers, ...added.map((a) => ({ name: a.name, tensor: tensorOf('float32', [a.values], new Float32Array(a.values)) }))] };
-};
-
 /** The rewrites, in the order the compile step applies them. `scopeOf` (module scopes of nodes, from
  *  scopes.ts) helps tell which BatchNorm a convolution folded. */
 export const prepareForRefit = (graph: Graph, checkpoint: TensorStore, scopeOf: (node: string) => string | undefined = () => undefined): Graph =>
-  untieSharedInitializers(restoreDroppedBiases(restoreZeroBiases(graph, checkpoint), checkpoint, scopeOf).graph);
+  untieSharedInitializers(restoreDroppedBiases(graph, checkpoint, scopeOf).graph);
 
 /**
  * Biases the exporter dropped because they were zero, restored where the structure proves whose they
@@ -91,21 +64,27 @@ export const restoreDroppedBiases = (
     const width = isConv ? weight.shape[0] : isGemm && transB?.kind === 'int' && transB.value === 1 ? weight.shape[0] : weight.shape[1];
     const data = weight.dtype === 'float32' ? (weight.data as Float32Array) : Float32Array.from(weight.data as Float64Array);
     const scope = scopeOf(node.name);
+    // A weight several nodes read (a tied parameter) proves no owner of the bias unless a node's scope says so.
+    const sharers = (consumers.get(weightName) ?? []).filter((n) => n.inputs[1] === weightName);
+    const shared = sharers.length > 1;
     const found = index.match({
       name: untiedBase(weightName), value: { shape: weight.shape, data }, byName: !isUntiedCopy(weightName),
       evidence: { names: isUntiedCopy(weightName) ? [] : [weightName], aliases: [], scopes: scope !== undefined ? [scope] : [] }, suffix: 'weight',
     });
-    if (found === undefined || isAmbiguity(found)) return node;
+    if (found === undefined || isAmbiguity(found) || (found.settled ?? []).some((x) => x.by === 'tied')) return node;
     let bias: string | undefined;
     let source: string | undefined;
     const plain = plainSource(found.expr);
     if (plain !== undefined && plain.endsWith('.weight') && found.method !== 'name-only') {
       const candidate = `${plain.slice(0, -'weight'.length)}bias`;
+      const module = normalizeName(plain.slice(0, -'.weight'.length), prefixes);
+      const owns = (n: Node) => { const sc = scopeOf(n.name); return sc !== undefined && normalizeName(sc, prefixes) === module; };
+      if (shared && !(owns(node) && sharers.filter(owns).length === 1)) return node;
       if (zeroBias(candidate, width)) {
         bias = normalizeName(candidate, prefixes);
         source = candidate;
       }
-    } else if (isConv && found.expr.op === 'bnFoldWeight' && found.expr.gamma.op === 'source') {
+    } else if (isConv && !shared && found.expr.op === 'bnFoldWeight' && found.expr.gamma.op === 'source') {
       const bn = found.expr.gamma.name.slice(0, -'weight'.length);
       if (zeroBias(`${bn}bias`, width) && zeroBias(`${bn}running_mean`, width)) {
         bias = `${untiedBase(weightName)}::folded_bias`;
