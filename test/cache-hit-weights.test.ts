@@ -1,23 +1,30 @@
 /**
  * A compile holds exactly what its build checkpoint gives, and a cache hit carries the given weights
- * (issue 12 item 6, issue 19's "model that claims weights it does not hold"):
- * - every fixture: compile with weights_v1 into a fresh cache (a miss), then with weights_v2 through that
- *   cache (a hit): the hit's outputs equal a fresh uncached compile with weights_v2 byte for byte and
- *   PyTorch's expected_v2; a plan to weights_v2 on the hit moves nothing, a plan to weights_v1 moves every
- *   mapped weight;
- * - mlp compiled with weights_v2 (no cache) gives expected_v2, and a refit to v1 gives expected_v1;
- * - random networks: compile(onnx of A, checkpoint B) through a cache holding A's engines is a hit equal,
- *   bit for bit, to compile(onnx of B, checkpoint B) without a cache;
+ * (issue 12 item 6, issue 19's "model that claims weights it does not hold"; "cache hits cost a load and
+ * a refit: no re-map when the ONNX bytes and the options are the entry's"):
+ * - every fixture and export: compile with weights_v1 into a fresh cache (a miss), then with weights_v2
+ *   through that cache: a hit that reuses the entry's weight map (weights_v2 alone cannot be mapped: its
+ *   values are not the ONNX file's). Its outputs equal, byte for byte, an uncached compile with weights_v1
+ *   refitted to weights_v2 (refit equals rebuild), and PyTorch's expected_v2; a plan to weights_v2 on the
+ *   hit moves nothing, a plan to weights_v1 moves every mapped weight. Fixtures whose v1 compile restores
+ *   dropped zero biases (gpt2, convnext, fresh_cnn_bn, whisper dynamo) get the same hit: the entry records
+ *   those rewrites and the v2 compile replays them;
+ * - mlp: weights_v2 without a cache is refused (the values do not map); through a cache holding v1 it
+ *   gives expected_v2, records v2, and a refit to v1 gives expected_v1;
+ * - a hit whose checkpoint changes a pinned tensor, lacks a tensor the map reads, or has it in another
+ *   shape is refused with a CompileError naming the tensor;
+ * - the map is reused only for the same ONNX bytes and mapping options;
+ * - random networks: compile(onnx of A, checkpoint B) through a cache holding A is a hit equal, bit for
+ *   bit, to compile(onnx of B, checkpoint B) without a cache;
  * - the CLI path of the bug report: compile v1 --cache C, compile v2 --cache C (hit), run: expected_v2.
  *
- * Fixtures that fail to compile for reasons of their own (an unsupported operator, unmapped weights) are
- * skipped and listed.
+ * No fixture is skipped: one that fails to compile with weights_v1, or gives no hit, fails its test.
  */
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { test, fc } from '@fast-check/vitest';
 import { compile, compileWithReport, CompileError, planCompile, withCheckpointValues, type CompilePlan, type CompileReport } from '../src/compile/compile.js';
 import { networkWeights } from '../src/network/types.js';
@@ -27,33 +34,12 @@ import { writeSafetensors } from '../src/safetensors/index.js';
 import { openCheckpoint } from '../src/checkpoint/checkpoint.js';
 import { planForRefit, refitModel } from '../src/effect/files.js';
 import { openSafetensors } from '../src/safetensors/index.js';
-import { printExpr } from '../src/weightmap/expr.js';
 import type { RefitModel } from '../src/model/index.js';
 import type { Tensor } from '../src/trace/ir.js';
 import { fixtureInputs } from './support/cache-fixtures.js';
 import { fixtureModels } from './support/weightmap.js';
 import { repoRoot } from './support/safetensors.js';
 import { fixture, netInput, outputBytes, temporaryDirectory, writeNet, type NetSpec } from './e2e-support.js';
-
-/** Compile failures that are the fixture's own (operators, mapping), not this suite's subject. */
-const unrelated = new Set(['TraceFailed', 'PartitionFailed', 'LowerFailed', 'UnmappedWeights', 'AmbiguousWeights', 'MapFileMismatch', 'ConstantOutput', 'BuildFailed']);
-
-const skipped: string[] = [];
-const notCompared: string[] = [];
-afterAll(() => {
-  if (skipped.length > 0) console.log(`cache-hit-weights: skipped (fail to compile for reasons of their own, or no hit possible):\n  ${skipped.join('\n  ')}`);
-  if (notCompared.length > 0) console.log(`cache-hit-weights: not compared with expected_v2 (see reason):\n  ${notCompared.join('\n  ')}`);
-});
-
-/** The compile report, or the reason it failed when that reason is the fixture's own. */
-const compileOrSkip = async (...args: Parameters<typeof compileWithReport>): Promise<CompileReport | string> => {
-  try {
-    return await compileWithReport(...args);
-  } catch (e) {
-    if (e instanceof CompileError && unrelated.has(e._tag)) return `${e._tag}: ${e.message.slice(0, 300)}`;
-    throw e;
-  }
-};
 
 const readTensor = async (path: string, name: string): Promise<Float32Array> => {
   using file = await openSafetensors(path);
@@ -80,71 +66,63 @@ const firstOutput = (outputs: Record<string, Tensor>, model: RefitModel): Float3
 const mappedCount = (model: RefitModel): number => model.weightMap.targets.filter((t) => t.status === 'mapped').length;
 
 describe('every fixture: a cache hit with weights_v2 holds weights_v2', () => {
-  it.for(fixtureModels().map((f) => ({ name: `${f.model}/${f.file}`, f })))('$name', { timeout: 300_000 }, async ({ name, f }, ctx) => {
+  it.for(fixtureModels().map((f) => ({ name: `${f.model}/${f.file}`, f })))('$name', { timeout: 300_000 }, async ({ f }) => {
     using dir = temporaryDirectory();
     const cache = { dir: join(dir.path, 'cache') };
     const v1 = join(f.dir, 'weights_v1.safetensors');
     const v2 = join(f.dir, 'weights_v2.safetensors');
-    const first = await compileOrSkip(f.path, v1, { cache });
-    if (typeof first === 'string') {
-      skipped.push(`${name} (weights_v1): ${first}`);
-      return ctx.skip(first);
-    }
+    const first = await compileWithReport(f.path, v1, { cache });
     using firstModel = first.model;
     expect(first.cache).toBe('miss');
-    const hit = await compileOrSkip(f.path, v2, { cache });
-    if (typeof hit === 'string') {
-      skipped.push(`${name} (weights_v2): ${hit}`);
-      return ctx.skip(hit);
-    }
+    expect(first.mapReused).toBe(false);
+    const hit = await compileWithReport(f.path, v2, { cache });
     using hitModel = hit.model;
-    if (hit.cache === 'miss' && hit.key !== first.key) {
-      // prepareForRefit shapes the network by the checkpoint (zero biases the exporter dropped come back
-      // only where the checkpoint's are zero): another structure is another key, a miss by design.
-      const reason = `the network compiled with weights_v2 has another structure than with weights_v1 (key ${hit.key?.slice(0, 12)} vs ${first.key?.slice(0, 12)}): no hit to test`;
-      skipped.push(`${name}: ${reason}`);
-      return ctx.skip(reason);
-    }
     expect(hit.cache).toBe('hit');
-    const fresh = await compileWithReport(f.path, v2, {});
-    using freshModel = fresh.model;
-    expect(fresh.cache).toBe('off');
-    expect(hit.differs).toEqual(fresh.differs);
+    expect(hit.key).toBe(first.key);
+    expect(hit.mapReused).toBe(true);
+    // weights_v2's values are not the ONNX file's: the engines hold the checkpoint's.
+    expect(hit.differs.length).toBeGreaterThan(0);
 
-    // A hit's outputs equal a fresh compile's with the same checkpoint, bit for bit, and not v1's.
+    // Refit equals rebuild: an uncached compile with weights_v1, refitted to weights_v2.
+    using reference = await compile(f.path, v1);
+    const { report: refit } = await refitModel(reference, { checkpoint: v2 });
+    expect(refit.changed).toBeGreaterThan(0);
     const inputs = await fixtureInputs(f.model);
     const hitOut = await hitModel.run(inputs);
     const hitBytes = outputBytes(hitOut);
-    expect(hitBytes.equals(outputBytes(await freshModel.run(inputs)))).toBe(true);
+    expect(hitBytes.equals(outputBytes(await reference.run(inputs)))).toBe(true);
     expect(hitBytes.equals(outputBytes(await firstModel.run(inputs)))).toBe(false);
+    // PyTorch's outputs with weights_v2.
+    expect(outside(firstOutput(hitOut, hitModel), await readTensor(join(f.dir, 'expected_v2.safetensors'), 'output'))).toBeUndefined();
 
     // What the hit records it holds is true: nothing to move for v2, every mapped weight for v1.
     using v2Store = await openCheckpoint(v2);
     const same = planForRefit(hitModel, v2Store);
+    expect(same.problems.filter((p) => p.severity === 'error')).toEqual([]);
     expect(same.totals.changed).toBe(0);
     expect(same.totals.bytesToMove).toBe(0);
     using v1Store = await openCheckpoint(v1);
     const back = planForRefit(hitModel, v1Store);
     expect(back.totals.changed).toBe(mappedCount(hitModel));
     expect(back.entries.every((e) => e.changed)).toBe(true);
-
-    // PyTorch's outputs: where weights_v2 maps as weights_v1 does (the matcher's call, not this suite's),
-    // and the v1 compile reproduces expected_v1 (numerics of the fixture's own).
-    const v1Exprs = new Map(firstModel.weightMap.targets.map((t) => [t.id, printExpr(t.expr)]));
-    const remapped = hitModel.weightMap.targets.filter((t) => v1Exprs.get(t.id) !== printExpr(t.expr)).map((t) => t.id);
-    const v1Off = outside(firstOutput(await firstModel.run(inputs), firstModel), await readTensor(join(f.dir, 'expected_v1.safetensors'), 'output'));
-    if (remapped.length > 0) notCompared.push(`${name}: weights_v2 maps ${remapped.length} weight(s) otherwise than weights_v1 (${remapped.slice(0, 3).join(', ')}${remapped.length > 3 ? ', ...' : ''})`);
-    else if (v1Off !== undefined) notCompared.push(`${name}: the v1 compile does not reproduce expected_v1 (${v1Off})`);
-    else expect(outside(firstOutput(hitOut, hitModel), await readTensor(join(f.dir, 'expected_v2.safetensors'), 'output'))).toBeUndefined();
   });
 });
 
 describe('mlp compiled with weights_v2 holds weights_v2', () => {
-  it('outputs expected_v2; the model records v2; a refit to v1 gives expected_v1', async () => {
+  it('refused without a cache; through a cache holding v1: expected_v2, records v2, a refit to v1 gives expected_v1', async () => {
+    using dir = temporaryDirectory();
+    const cache = { dir: join(dir.path, 'cache') };
     const onnx = fixture('mlp', 'model_dynamo.onnx');
-    const report = await compileWithReport(onnx, fixture('mlp', 'weights_v2.safetensors'));
+    // The ONNX file holds v1's values: weights_v2 alone cannot be mapped to it.
+    await expect(compileWithReport(onnx, fixture('mlp', 'weights_v2.safetensors'))).rejects.toBeInstanceOf(CompileError);
+    // And the v1 compile reports no difference: the ONNX file was exported with v1.
+    const v1 = await compileWithReport(onnx, fixture('mlp', 'weights_v1.safetensors'), { cache });
+    v1.model[Symbol.dispose]();
+    expect(v1.differs).toEqual([]);
+    const report = await compileWithReport(onnx, fixture('mlp', 'weights_v2.safetensors'), { cache });
     using model = report.model;
-    // The ONNX file holds v1's values: the report says which weights the checkpoint changed.
+    expect(report).toMatchObject({ cache: 'hit', mapReused: true });
+    // The report says which weights the checkpoint changed.
     expect(report.differs.length).toBeGreaterThan(0);
     expect(report.warnings).toEqual([]);
     const inputs = await fixtureInputs('mlp');
@@ -155,10 +133,95 @@ describe('mlp compiled with weights_v2 holds weights_v2', () => {
     const { report: refit } = await refitModel(model, { checkpoint: fixture('mlp', 'weights_v1.safetensors') });
     expect(refit.changed).toBe(mappedCount(model));
     expect(outside(firstOutput(await model.run(inputs), model), await expected('v1'))).toBeUndefined();
-    // And the v1 compile reports no difference: the ONNX file was exported with v1.
-    const v1 = await compileWithReport(onnx, fixture('mlp', 'weights_v1.safetensors'));
-    v1.model[Symbol.dispose]();
-    expect(v1.differs).toEqual([]);
+  }, 120_000);
+});
+
+/** `base` rewritten: tensors replaced or added (`with`), or dropped (`without`). */
+const writeVariant = async (path: string, base: string, change: { readonly with?: Readonly<Record<string, { shape: number[]; data: Float32Array }>>; readonly without?: readonly string[] }): Promise<string> => {
+  using store = await openCheckpoint(base);
+  const bytesOf = (a: Float32Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+  const tensors = new Map<string, { shape: number[]; data: Float32Array }>();
+  for (const [name, info] of store.tensors) tensors.set(name, { shape: [...info.shape], data: Float32Array.from(store.toFloat32(name)) });
+  for (const [name, t] of Object.entries(change.with ?? {})) tensors.set(name, t);
+  for (const name of change.without ?? []) tensors.delete(name);
+  await writeSafetensors(path, [...tensors].map(([name, t]) => ({ name, dtype: 'F32' as const, shape: t.shape, data: bytesOf(t.data) })));
+  return path;
+};
+
+/** The CompileError a compile is refused with. */
+const refusal = async (p: Promise<unknown>): Promise<CompileError> => {
+  try {
+    await p;
+  } catch (e) {
+    if (e instanceof CompileError) return e;
+    throw e;
+  }
+  throw new Error('the compile was not refused');
+};
+
+describe('a hit whose checkpoint does not fit the reused weight map is refused', () => {
+  it('a changed pinned tensor (PinnedChanged), a missing tensor or another shape (CheckpointMismatch), naming the tensor', async () => {
+    using dir = temporaryDirectory();
+    const cache = { dir: join(dir.path, 'cache') };
+    const onnx = fixture('mlp', 'model_dynamo.onnx');
+    const v1 = fixture('mlp', 'weights_v1.safetensors');
+    const v2 = fixture('mlp', 'weights_v2.safetensors');
+    // A constant-filled tensor the graph does not read: the map pins it (kind 'dropped').
+    const fill = (value: number) => ({ 'probe.scale': { shape: [4], data: new Float32Array(4).fill(value) } });
+    const first = await compileWithReport(onnx, await writeVariant(join(dir.path, 'v1.safetensors'), v1, { with: fill(1) }), { cache });
+    first.model[Symbol.dispose]();
+    expect(first.cache).toBe('miss');
+    expect(first.model.weightMap.pinned?.map((p) => p.name)).toEqual(['probe.scale']);
+
+    // Unchanged: a hit.
+    const ok = await compileWithReport(onnx, await writeVariant(join(dir.path, 'v2-same.safetensors'), v2, { with: fill(1) }), { cache });
+    ok.model[Symbol.dispose]();
+    expect(ok).toMatchObject({ cache: 'hit', mapReused: true });
+
+    // Changed: refused, not built.
+    const pinned = await refusal(compileWithReport(onnx, await writeVariant(join(dir.path, 'v2-pinned.safetensors'), v2, { with: fill(2) }), { cache }));
+    expect(pinned._tag).toBe('PinnedChanged');
+    expect(pinned.message).toContain("'probe.scale'");
+
+    // Lacks a tensor the map reads.
+    const source = first.model.weightMap.sources.find((x) => x.shape.length === 2)!;
+    const missing = await refusal(compileWithReport(onnx, await writeVariant(join(dir.path, 'v2-missing.safetensors'), v2, { with: fill(1), without: [source.name] }), { cache }));
+    expect(missing._tag).toBe('CheckpointMismatch');
+    expect(missing.message).toContain(`'${source.name}'`);
+    expect(missing.message).toMatch(/missing/);
+
+    // Holds it in another shape (flattened).
+    const n = source.shape.reduce((a, b) => a * b, 1);
+    const reshaped = await refusal(compileWithReport(onnx, await writeVariant(join(dir.path, 'v2-shape.safetensors'), v2, { with: { ...fill(1), [source.name]: { shape: [n], data: new Float32Array(n) } } }), { cache }));
+    expect(reshaped._tag).toBe('CheckpointMismatch');
+    expect(reshaped.message).toContain(`'${source.name}'`);
+    expect(reshaped.message).toMatch(/shape/);
+  }, 120_000);
+});
+
+describe('the weight map is reused only for the same ONNX bytes and mapping options', () => {
+  it('another ONNX file of the same structure is a hit that maps again; other mapping options map again', async () => {
+    using dir = temporaryDirectory();
+    const cache = { dir: join(dir.path, 'cache') };
+    const net: NetSpec = { widths: [5, 7, 3], activation: 'Relu', layerNorm: false, batch: 2 };
+    const a = await writeNet(dir.path, net, 1, 'a');
+    const b = await writeNet(dir.path, net, 2, 'b');
+    const first = await compileWithReport(a.onnx, a.checkpoint, { cache });
+    first.model[Symbol.dispose]();
+    expect(first).toMatchObject({ cache: 'miss', mapReused: false });
+    // B's file with B's checkpoint: the same engines (a hit), but the map is made from B's file.
+    const other = await compileWithReport(b.onnx, b.checkpoint, { cache });
+    other.model[Symbol.dispose]();
+    expect(other).toMatchObject({ cache: 'hit', mapReused: false });
+    expect(other.mapReuseDetail).toMatch(/other ONNX bytes/);
+    // A's file with other mapping options (allowUnmapped): mapped again, against B's checkpoint, which A's
+    // values do not match (allowed unmapped here, so it builds).
+    const unmapped = await compileWithReport(a.onnx, b.checkpoint, { cache, allowUnmapped: true });
+    unmapped.model[Symbol.dispose]();
+    expect(unmapped.mapReused).toBe(false);
+    const same = await compileWithReport(a.onnx, b.checkpoint, { cache });
+    same.model[Symbol.dispose]();
+    expect(same).toMatchObject({ cache: 'hit', mapReused: true });
   }, 120_000);
 });
 
@@ -232,7 +295,8 @@ describe('random networks: a hit with checkpoint B equals a fresh compile of B',
       const hit = await compileWithReport(a.onnx, b.checkpoint, { ...options, cache });
       using hitModel = hit.model;
       expect(hit.cache).toBe('hit');
-      // Every weight of A's file is replaced by B's (matched by name only: the values differ).
+      expect(hit.mapReused).toBe(true);
+      // Every weight of A's file is replaced by B's (through the map made from A's file and checkpoint).
       if (forcedFallback?.[0] === 'Gemm' || (forcedFallback !== undefined && net.layerNorm)) {
         expect(hitModel.weightMap.targets.some((t) => t.kind === 'fallback' && t.status === 'mapped')).toBe(true);
       }

@@ -12,6 +12,13 @@ import { registerCacheCommands } from './cache.js';
 
 export const ExitCode = { ok: 0, checkFailed: 1, badInput: 2, internal: 3 } as const;
 
+const INTERNAL_TAGS: ReadonlySet<string> = new Set(['ReadbackMismatch', 'RollbackFailed', 'PlanIncomplete']);
+/** The tag of the error, or of the detail it wraps (the API's and the effect's errors carry details). */
+const innermostTag = (e: { _tag?: string; detail?: unknown }): string => {
+  const detail = e.detail as { _tag?: string; detail?: unknown } | undefined;
+  return detail !== undefined && typeof detail === 'object' && typeof detail._tag === 'string' ? innermostTag(detail) : e._tag ?? '';
+};
+
 interface GlobalOptions {
   json?: boolean;
   verbose?: boolean;
@@ -79,7 +86,9 @@ export const main = async (argv: readonly string[]): Promise<number> => {
     const e = error as Error & { _tag?: string };
     console.error(`trt-refit: ${e.message}`);
     if (verbose && e.stack !== undefined) console.error(e.stack);
-    return e._tag !== undefined ? ExitCode.badInput : ExitCode.internal;
+    // A tag is bad input, except the ones that say our own result was wrong (read-back found an engine
+    // holding other values than it was given, an undo that failed): those are internal errors.
+    return e._tag !== undefined && !INTERNAL_TAGS.has(innermostTag(e)) ? ExitCode.badInput : ExitCode.internal;
   }
   return exitCode;
 };

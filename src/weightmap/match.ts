@@ -363,8 +363,11 @@ export class CheckpointIndex {
       const pieces: Expr[] = [];
       const settled: Settlement[] = [];
       let i = 0;
+      const degenerate = isDegenerate(v.data);
+      const own = new Set([...req.evidence.names, ...req.evidence.aliases].map((n) => normalizeName(n, this.prefixes)));
+      const usable = (name: string) => !degenerate || req.claimed === undefined || !req.claimed.has(normalizeName(name, this.prefixes)) || own.has(normalizeName(name, this.prefixes));
       while (i < rows) {
-        const cands = index.get(hashRange(v.data, i * width, (i + 1) * width)) ?? [];
+        const cands = (index.get(hashRange(v.data, i * width, (i + 1) * width)) ?? []).filter((e) => usable(e.name));
         let bestLen = 0;
         const runs: { entry: RowEntry; len: number }[] = [];
         for (const entry of cands) {
@@ -538,7 +541,10 @@ export class CheckpointIndex {
     const rows = this.rowsCover(v, req);
     if (isAmbiguity(rows)) return rows;
     // A fill assembled from pieces of other tensors proves nothing about which pieces: only evidence could.
-    if (rows && isDegenerate(v.data)) return { ambiguous: true, candidates: exprSources(rows.expr) };
+    if (rows && isDegenerate(v.data)) {
+      const pieces = [...new Set(exprSources(rows.expr))];
+      return pieces.length > 1 ? { ambiguous: true, candidates: pieces } : undefined;
+    }
     if (rows) return { expr: rows.expr, method: 'rows', alternatives: [], ...(rows.settled.length > 0 ? { settled: rows.settled } : {}) };
     if (v.shape.length === 2) {
       const rowsT = this.rowsCover(transposeF32(v, [1, 0]), req);
