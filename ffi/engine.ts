@@ -270,13 +270,20 @@ export class Engine implements Disposable {
    *  (src/verify/expected.ts) gives the digest expected for given values. Throws NativeError: STATE for a
    *  stripped engine not yet filled (or fold copies not kept), VALIDATION when a folded batch norm or a
    *  second copy of a weight does not match what is read, naming the weight or layer. */
-  weightDigests(options: { numThreads?: number } = {}): Map<string, string> {
+  weightDigests(options: { numThreads?: number; only?: ReadonlySet<string> } = {}): Map<string, string> {
     const h = this.#handle.get();
     const list = this.weights();
     const out = new BigUint64Array(Math.max(1, 2 * list.length));
-    call('trtshim_engine_weight_digests', h, out, options.numThreads ?? 0);
+    const keyOf = (w: { layer: string; role: string }) => `${w.layer}\u0000${w.role}`;
+    const only = options.only;
+    if (only === undefined) call('trtshim_engine_weight_digests', h, out, options.numThreads ?? 0);
+    else call('trtshim_engine_weight_digests_selected', h, Uint8Array.from(list.map((w) => (only.has(keyOf(w)) ? 1 : 0))), out, options.numThreads ?? 0);
     const hex = (x: bigint) => x.toString(16).padStart(16, '0');
-    return new Map(list.map((w, i) => [`${w.layer}\u0000${w.role}`, `c1:${hex(out[2 * i])}${hex(out[2 * i + 1])}`]));
+    const digests = new Map<string, string>();
+    list.forEach((w, i) => {
+      if (only === undefined || only.has(keyOf(w))) digests.set(keyOf(w), `c1:${hex(out[2 * i])}${hex(out[2 * i + 1])}`);
+    });
+    return digests;
   }
 
   /** How the engine holds every refittable weight (keyed like weightDigests): the `held` argument of

@@ -287,6 +287,7 @@ const prototypes = {
 
   // (readback section)
   trtshim_engine_weight_digests: 'int32_t trtshim_engine_weight_digests(const trtshim_engine *engine, uint64_t *digests, int32_t num_threads)',
+  trtshim_engine_weight_digests_selected: 'int32_t trtshim_engine_weight_digests_selected(const trtshim_engine *engine, const uint8_t *select, uint64_t *digests, int32_t num_threads)',
   trtshim_engine_weight_held:
     'int32_t trtshim_engine_weight_held(const trtshim_engine *engine, int32_t index, _Out_ int32_t *packed, _Out_ int32_t *transposed, _Out_ int64_t *channels, _Out_ int64_t *depth)',
 } as const;

@@ -74,7 +74,7 @@ describe('trt-refit compile with the engine cache (main() in process)', () => {
     // cache ls / verify / gc / clear, with --cache and with $TRT_REFIT_CACHE.
     const ls = decode(LsJson, await cli(noEnv, '--json', 'cache', '--cache', cache, 'ls'));
     expect(ls.entries.map((e) => [e.key, e.status])).toEqual([[first.cacheKey, 'ok']]);
-    expect(ls.entries[0].blobs?.map((b) => b.name).sort()).toEqual(['bindings.json', 'engine-0.plan', 'weightmap.json']);
+    expect(ls.entries[0].blobs?.map((b) => b.name).sort()).toEqual(['bindings.json', 'engine-0.plan', 'source.json', 'weightmap.json']);
     const verified = decode(VerifyJson, await cli({ TRT_REFIT_CACHE: cache }, '--json', 'cache', 'verify'));
     expect(verified).toMatchObject({ dir: cache, ok: [first.cacheKey], removed: [] });
 

@@ -577,6 +577,11 @@ TRTSHIM_API trtshim_status trtshim_mapping_advise(const trtshim_mapping *mapping
    the engine's own thread count. */
 TRTSHIM_API trtshim_status trtshim_engine_weight_digests(const trtshim_engine *engine, uint64_t *digests,
                                                          int32_t num_threads);
+/* The same for the weights whose flag in `select` (one uint8_t per weight, in trtshim_engine_weight order) is
+   non-zero: a refit that changed a few weights reads back only those. Entries of other weights are left as
+   they were. A selected member of a batch norm fold has the whole fold checked. */
+TRTSHIM_API trtshim_status trtshim_engine_weight_digests_selected(const trtshim_engine *engine, const uint8_t *select,
+                                                                  uint64_t *digests, int32_t num_threads);
 /* How refittable weight `index` is held, which decides the digest trtshim_engine_weight_digests reports
    for given network-level values. packed = 1: read back from a packed GEMM or convolution operand, so its
    values are rounded to the engine's precision, or quantized and dequantized in the format

@@ -500,8 +500,19 @@ static trtshim_status plan_weight(trtshim_engine *e, int32_t w, held_weight *h, 
     return TRTSHIM_OK;
 }
 
-static trtshim_status weight_digests(trtshim_engine *e, uint64_t *digests, int32_t num_threads) {
+/* select: NULL for every weight, else one flag per weight; a selected member of a batch norm fold brings
+   the fold's check with it (through its kernel weight, which is then digested too). */
+static trtshim_status weight_digests(trtshim_engine *e, const uint8_t *select, uint64_t *digests, int32_t num_threads) {
     int32_t nw = e->num_weights;
+    uint8_t *wanted = malloc((size_t)nw + 1);
+    if (!wanted) return set_error(TRTSHIM_ERR_MEMORY, "engine_weight_digests: out of memory");
+    for (int32_t w = 0; w < nw; w++) wanted[w] = select ? select[w] != 0 : 1;
+    for (int32_t i = 0; select && i < e->num_units; i++) {
+        const unit *u = &e->units[i];
+        if (u->kind != UNIT_FOLD) continue;
+        for (int32_t k = 0; k < u->num_sources; k++)
+            if (u->sources[k] >= 0 && wanted[u->sources[k]]) wanted[u->sources[0]] = 1;
+    }
     pthread_mutex_lock(&e->lock);
     int has_weights = e->has_weights;
     pthread_mutex_unlock(&e->lock);
@@ -521,6 +532,8 @@ static trtshim_status weight_digests(trtshim_engine *e, uint64_t *digests, int32
         goto done;
     }
     for (int32_t w = 0; w < nw && !st; w++) {
+        held[w].first_chunk = total_chunks;
+        if (!wanted[w]) continue;
         st = plan_weight(e, w, &held[w], checks, &num_checks);
         held[w].first_chunk = total_chunks;
         held[w].chunks = held[w].bytes ? (held[w].bytes + chunk - 1) / chunk : 1;
@@ -543,7 +556,7 @@ static trtshim_status weight_digests(trtshim_engine *e, uint64_t *digests, int32
     int32_t n = 0;
     for (int32_t i = 0; i < num_checks; i++) tasks[n++] = checks[i];
     for (int32_t w = 0; w < nw; w++)
-        for (uint64_t c = 0; c < held[w].chunks; c++) tasks[n++] = (task){TASK_CHUNK, w, (int64_t)c, NULL};
+        for (uint64_t c = 0; wanted[w] && c < held[w].chunks; c++) tasks[n++] = (task){TASK_CHUNK, w, (int64_t)c, NULL};
     job jb = {e, held, tasks, n, 0, failed, chunk_digests};
     atomic_init(&jb.next, 0);
     int threads = num_threads > 0 ? num_threads : e->num_threads;
@@ -563,9 +576,10 @@ static trtshim_status weight_digests(trtshim_engine *e, uint64_t *digests, int32
     }
     free(scratch);
     if (st) goto done;
-    for (int32_t w = 0; w < nw; w++) digest_combine(chunk_digests + 2 * held[w].first_chunk, held[w].chunks, digests + 2 * w);
+    for (int32_t w = 0; w < nw; w++)
+        if (wanted[w] && (!select || select[w])) digest_combine(chunk_digests + 2 * held[w].first_chunk, held[w].chunks, digests + 2 * w);
 done:
-    free(held), free(checks), free(tasks), free(failed), free(chunk_digests);
+    free(held), free(checks), free(tasks), free(failed), free(chunk_digests), free(wanted);
     return st;
 }
 
@@ -577,7 +591,21 @@ trtshim_status trtshim_engine_weight_digests(const trtshim_engine *engine, uint6
     if (!digests) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_weight_digests: digests is null");
     trtshim_status st = engine_begin_read(e, "engine_weight_digests");
     if (st) return st;
-    st = weight_digests(e, digests, num_threads);
+    st = weight_digests(e, NULL, digests, num_threads);
+    engine_end_read(e);
+    return st;
+}
+
+trtshim_status trtshim_engine_weight_digests_selected(const trtshim_engine *engine, const uint8_t *select,
+                                                      uint64_t *digests, int32_t num_threads) {
+    if (!engine) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_weight_digests_selected: engine is null");
+    trtshim_engine *e = (trtshim_engine *)engine;
+    int32_t nw = e->refittable ? e->num_weights : 0;
+    if (nw == 0) return TRTSHIM_OK;
+    if (!digests || !select) return set_error(TRTSHIM_ERR_ARGUMENT, "engine_weight_digests_selected: digests or select is null");
+    trtshim_status st = engine_begin_read(e, "engine_weight_digests_selected");
+    if (st) return st;
+    st = weight_digests(e, select, digests, num_threads);
     engine_end_read(e);
     return st;
 }

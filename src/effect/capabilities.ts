@@ -64,7 +64,7 @@ export type StagedValue =
 export interface ReadbackCapability {
   /** Digests of the network-level values the engine's kernels hold, by `${layer}\u0000${role}` ('c1:' +
    *  hex): Engine.weightDigests(). Throws (or returns undefined) when the engine cannot report. */
-  readonly engineDigests: (segment: number, engine: Engine) => ReadonlyMap<string, string> | undefined;
+  readonly engineDigests: (segment: number, engine: Engine, only?: ReadonlySet<string>) => ReadonlyMap<string, string> | undefined;
   /** The digest the engine should report once `value` is applied, at the precision and kernel format the
    *  engine holds that weight in (src/verify: heldValueDigest); undefined when that cannot be told here
    *  (the weight is then not compared, and the report says the refit was not fully verified). Called while
@@ -99,7 +99,7 @@ export const nativeReadback = (expected: (value: StagedValue, held: HeldFormat |
     return known.get(`${layer}\u0000${role}`);
   };
   return {
-    engineDigests: (_segment, engine) => engine.weightDigests(),
+    engineDigests: (_segment, engine, only) => engine.weightDigests(only !== undefined ? { only } : {}),
     expectedDigest: (_segment, engine, value) => expected(value, heldFormat(engine, value.layer, value.role)),
   };
 };

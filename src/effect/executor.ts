@@ -281,7 +281,8 @@ export class Executor implements Disposable {
         let held: ReadonlyMap<string, string> | undefined;
         let why = 'the engine reports no digests';
         try {
-          held = readback.engineDigests(segment, engine);
+          // Only the weights this refit staged are read back: a refit that changes a few weights pays for those.
+          held = readback.engineDigests(segment, engine, new Set(expected.keys()));
         } catch (e) {
           why = `the engine cannot report digests: ${messageOf(e)}`;
         }
