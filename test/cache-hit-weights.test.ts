@@ -160,7 +160,7 @@ const refusal = async (p: Promise<unknown>): Promise<CompileError> => {
 };
 
 describe('a hit whose checkpoint does not fit the reused weight map is refused', () => {
-  it('a changed pinned tensor (PinnedChanged), a missing tensor or another shape (CheckpointMismatch), naming the tensor', async () => {
+  it('a changed pinned tensor (PinnedChanged), a missing tensor or another shape (CheckpointMismatch), naming the tensor, unless it maps on its own', async () => {
     using dir = temporaryDirectory();
     const cache = { dir: join(dir.path, 'cache') };
     const onnx = fixture('mlp', 'model_dynamo.onnx');
@@ -182,6 +182,13 @@ describe('a hit whose checkpoint does not fit the reused weight map is refused',
     const pinned = await refusal(compileWithReport(onnx, await writeVariant(join(dir.path, 'v2-pinned.safetensors'), v2, { with: fill(2) }), { cache }));
     expect(pinned._tag).toBe('PinnedChanged');
     expect(pinned.message).toContain("'probe.scale'");
+
+    // A checkpoint that maps on its own (v1's values, another fill) is not refused: mapped again, as
+    // without a cache (its own map pins the new fill).
+    const own = await compileWithReport(onnx, await writeVariant(join(dir.path, 'v1-fill2.safetensors'), v1, { with: fill(2) }), { cache });
+    own.model[Symbol.dispose]();
+    expect(own).toMatchObject({ cache: 'hit', mapReused: false });
+    expect(own.mapReuseDetail).toContain("'probe.scale'");
 
     // Lacks a tensor the map reads.
     const source = first.model.weightMap.sources.find((x) => x.shape.length === 2)!;

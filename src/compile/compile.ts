@@ -10,8 +10,12 @@
  *   it from the cache), encode and open each fallback segment -> record the source digests every target
  *   holds.
  *
- * The pure part (`planCompile`) ends at the lowered segments and the map; `compileTE` adds the files and
- * the native library. Engines are built with an EngineBuilder capability (tests substitute it).
+ * The pure part (`planCompile`) ends at the lowered segments and the map, in two phases: the structure
+ * (`planStructure`: decode, prepare, analyze, partition, lower: everything the cache key reads) and the
+ * weight map (`mapStructure`). `compileTE` adds the files and the native library. With a cache, a hit whose
+ * entry was made from the same ONNX bytes, mapping options and prepared graph reuses the entry's map
+ * (cached.ts) instead of the mapping phase; the given checkpoint is checked against it and sets every
+ * mapped weight through it. Engines are built with an EngineBuilder capability (tests substitute it).
  */
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
@@ -783,7 +787,7 @@ export interface CompileReport {
    *  (a hit, or a rebuild of an entry whose engines could not serve) instead of mapping the graph again
    *  against the given checkpoint; every mapped weight still holds the given checkpoint's values. */
   readonly mapReused: boolean;
-  /** Why a hit's entry could not give its weight map (the graph was mapped again). */
+  /** Why a cache entry of this ONNX file could not give its weight map (the graph was mapped again). */
   readonly mapReuseDetail?: string;
   readonly timings: CompileTimings;
 }
@@ -899,6 +903,8 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
     // With a cache: the entry of this structure, or of the same ONNX bytes prepared as an earlier build
     // checkpoint had it, gives its weight map when it was made from the same source (reuse below).
     let prefetched: { key: CacheKey; lookup: Lookup } | undefined;
+    /** This compile's own structure's key and lookup (prefetched may become a recorded preparation's). */
+    let own: typeof prefetched;
     let reused: WeightMap | undefined;
     let reuseDetail: string | undefined;
     if (store !== undefined) {
@@ -928,6 +934,7 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
       const lookup = await look(key.right);
       if (E.isLeft(lookup)) return lookup;
       prefetched = { key: key.right, lookup: lookup.right };
+      own = prefetched;
       if (lookup.right._tag === 'hit') {
         const m = reusableFor(structure, lookup.right.entry, options);
         if (E.isRight(m)) reused = m.right;
@@ -959,16 +966,24 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
     t = process.hrtime.bigint();
     let planned: CompilePlan;
     let held: Readonly<Record<string, string>> | undefined;
-    if (reused !== undefined) {
-      // The map was made against the entry's build checkpoint: the given one must fit it (its tensors,
-      // shapes and dtypes; pinned tensors unchanged), and what each weight holds is digested from it.
-      const checked = checkpointAgainstMap(reused, checkpoint);
-      if (E.isLeft(checked)) return checked;
+    // The map was made against the entry's build checkpoint: the given one must fit it (its tensors,
+    // shapes and dtypes; pinned tensors unchanged), and what each weight holds is digested from it.
+    const checked = reused === undefined ? undefined : checkpointAgainstMap(reused, checkpoint);
+    if (reused !== undefined && checked !== undefined && E.isRight(checked)) {
       held = checked.right;
       planned = planOf(structure, reused);
     } else {
+      // No reusable map, or the checkpoint does not fit it: map this compile's own structure against the
+      // checkpoint, as without a cache (the cache never refuses what a compile without it accepts). When
+      // that fails too, the misfit is the answer: it names the tensors.
+      if (checked !== undefined && E.isLeft(checked)) {
+        structure = first.right;
+        prefetched = own;
+        reused = undefined;
+        reuseDetail = describeCompileError(checked.left);
+      }
       const mapped = mapStructure(structure, checkpoint, options);
-      if (E.isLeft(mapped)) return mapped;
+      if (E.isLeft(mapped)) return checked !== undefined && E.isLeft(checked) ? checked : mapped;
       planned = mapped.right;
     }
     // The engines (built on a miss, refitted on a hit) and fallbacks hold the build checkpoint's values.
@@ -988,7 +1003,7 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
     return E.right({
       ...r, differs: plan.differs ?? [], warnings: plan.warnings ?? [],
       mapReused: reused !== undefined,
-      ...(reuseDetail !== undefined && r.cache === 'hit' ? { mapReuseDetail: reuseDetail } : {}),
+      ...(reuseDetail !== undefined ? { mapReuseDetail: reuseDetail } : {}),
       timings: { readMs, planMs, ...r.timings, hashMs: hashMs + r.timings.hashMs, lookupMs: lookupMs + r.timings.lookupMs, totalMs: since(start) },
     });
   } finally {

@@ -407,6 +407,24 @@ export class CheckpointIndex {
     return undefined;
   }
 
+  /** Tensors (not claimed by other uses' evidence) holding rows of `v` at some row width that divides it. */
+  private fillRowSources(v: F32Tensor, req: MatchRequest): string[] {
+    const own = new Set([...req.evidence.names, ...req.evidence.aliases].map((n) => normalizeName(n, this.prefixes)));
+    const usable = (name: string) => req.claimed === undefined || !req.claimed.has(normalizeName(name, this.prefixes)) || own.has(normalizeName(name, this.prefixes));
+    const found = new Set<string>();
+    for (const width of this.widths) {
+      if (v.data.length % width !== 0 || v.data.length === width) continue;
+      const index = this.rowIndex(width);
+      for (let i = 0; i < v.data.length / width; i++) {
+        for (const entry of index.get(hashRange(v.data, i * width, (i + 1) * width)) ?? []) {
+          const t = this.values.get(entry.name)!;
+          if (usable(entry.name) && sameValues(t.data, entry.row * width, v.data, i * width, width)) found.add(entry.name);
+        }
+      }
+    }
+    return [...found].sort(compare);
+  }
+
   private foldWeight(v: F32Tensor, req: MatchRequest): { expr: Expr; conv: string; bn: BnGroup; epsilon: number; settled: Settlement[] } | Ambiguity | undefined {
     if (v.shape.length < 2) return undefined;
     const channels = v.shape[0];
@@ -538,13 +556,14 @@ export class CheckpointIndex {
       const t = this.byValue(v, req, true);
       if (t) return t;
     }
-    const rows = this.rowsCover(v, req);
-    if (isAmbiguity(rows)) return rows;
-    // A fill assembled from pieces of other tensors proves nothing about which pieces: only evidence could.
-    if (rows && isDegenerate(v.data)) {
-      const pieces = [...new Set(exprSources(rows.expr))];
+    // A fill that rows of other tensors could assemble proves nothing about which rows: only evidence could.
+    // Every tensor holding such rows (at any row width) is a candidate; two or more are an ambiguity.
+    if (isDegenerate(v.data)) {
+      const pieces = this.fillRowSources(v, req).filter((n) => corroborated(n, req.evidence, undefined, this.prefixes));
       return pieces.length > 1 ? { ambiguous: true, candidates: pieces } : undefined;
     }
+    const rows = this.rowsCover(v, req);
+    if (isAmbiguity(rows)) return rows;
     if (rows) return { expr: rows.expr, method: 'rows', alternatives: [], ...(rows.settled.length > 0 ? { settled: rows.settled } : {}) };
     if (v.shape.length === 2) {
       const rowsT = this.rowsCover(transposeF32(v, [1, 0]), req);
