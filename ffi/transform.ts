@@ -233,6 +233,12 @@ export const evaluateExprNative = (e: Expr, lookup: SourceLookup, options?: Tran
  * bit and the same errors. Each target weight is copied once, and every adapter touching it is added to
  * that copy in place, in the order given.
  */
+const countNonFinite = (data: Float32Array): number => {
+  let n = 0;
+  for (let k = 0; k < data.length; k++) if (!Number.isFinite(data[k])) n++;
+  return n;
+};
+
 export const mergeLoraNative = (
   base: TensorStore,
   adapters: readonly WeightedAdapter[],
@@ -262,7 +268,11 @@ export const mergeLoraNative = (
       const rankStride = count(up.shape.slice(2));
       const upDense = rowStride === rank && rankStride === 1 ? up.data : Float32Array.from({ length: rows * rank }, (_, k) => up.data[Math.floor(k / rank) * rowStride + (k % rank) * rankStride]);
       const data = already?.data ?? Float32Array.from(current.data);
+      // A non-finite value stays non-finite under addition, so the new ones are the difference of the counts.
+      const nonFiniteBefore = countNonFinite(data);
       loraAddNative(data, upDense, down.data, { outFeatures: rows, inFeatures: cols, rank }, m.scaling * weight, m.fanInFanOut, options);
+      const bad = countNonFinite(data) - nonFiniteBefore;
+      if (bad > 0) return E.left({ _tag: 'NonFiniteMerge', module: m.module, base: target, count: bad, scale: m.scaling * weight });
       merged.set(target, { shape: current.shape, data });
     }
   }
