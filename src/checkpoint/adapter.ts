@@ -60,6 +60,10 @@ export interface AdapterConfig {
   readonly useRslora: boolean;
   readonly rankPattern: Readonly<Record<string, number>>;
   readonly alphaPattern: Readonly<Record<string, number>>;
+  /** PEFT's layers_to_transform: only modules of these layers carry the adapter (absent: every layer). */
+  readonly layersToTransform?: readonly number[];
+  /** PEFT's layers_pattern: the module-list names whose index counts as the layer ([]: any). */
+  readonly layersPattern: readonly string[];
 }
 
 export interface LoraPair {
@@ -94,8 +98,23 @@ export const decodeAdapterConfig = (raw: unknown, path: string): E.Either<Checkp
   if (c.use_dora !== undefined && c.use_dora !== null && c.use_dora !== false) {
     return unsupported('use_dora', `${JSON.stringify(c.use_dora)}: DoRA adapters (weight-decomposed, with a magnitude vector) are not supported; only plain LoRA is merged`);
   }
+  let layersToTransform: number[] | undefined;
   if (!empty(c.layers_to_transform)) {
-    return unsupported('layers_to_transform', `${JSON.stringify(c.layers_to_transform)}: adapters restricted to some layers are not supported`);
+    const raw = c.layers_to_transform;
+    const list = typeof raw === 'number' ? [raw] : Array.isArray(raw) ? raw : undefined;
+    if (list === undefined || !list.every((v) => Number.isSafeInteger(v) && (v as number) >= 0)) {
+      return E.left({ _tag: 'InvalidAdapterConfig', path, detail: `layers_to_transform ${JSON.stringify(raw)} is not a layer index or a list of them` });
+    }
+    layersToTransform = list as number[];
+  }
+  let layersPattern: string[] = [];
+  if (!empty(c.layers_pattern)) {
+    const raw = c.layers_pattern;
+    const list = typeof raw === 'string' ? [raw] : Array.isArray(raw) ? raw : undefined;
+    if (list === undefined || !list.every((v) => typeof v === 'string' && v.length > 0)) {
+      return E.left({ _tag: 'InvalidAdapterConfig', path, detail: `layers_pattern ${JSON.stringify(raw)} is not a name or a list of names` });
+    }
+    layersPattern = list as string[];
   }
   if (!empty(c.modules_to_save)) {
     return unsupported('modules_to_save', `${JSON.stringify(c.modules_to_save)}: the adapter replaces whole modules, which a LoRA merge would leave out`);
@@ -117,7 +136,40 @@ export const decodeAdapterConfig = (raw: unknown, path: string): E.Either<Checkp
     useRslora: c.use_rslora ?? false,
     rankPattern: c.rank_pattern ?? {},
     alphaPattern: c.alpha_pattern ?? {},
+    ...(layersToTransform !== undefined ? { layersToTransform } : {}),
+    layersPattern,
   });
+};
+
+const escapeRegExp = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+/**
+ * The layer index of a module as PEFT reads it for layers_to_transform: the number after one of the
+ * layers_pattern names (`encoder.layer.3.attention` -> 3 for "layer"), or with no pattern the last
+ * `<name>.<number>.` of the module name. Undefined when the name has none.
+ */
+export const layerIndexOf = (module: string, layersPattern: readonly string[]): number | undefined => {
+  const key = module.startsWith('base_model.model.') ? module.slice('base_model.model.'.length) : module;
+  const patterns = layersPattern.length > 0 ? layersPattern.map((p) => new RegExp(`^(?:.*\\.)?${escapeRegExp(p)}\\.(\\d+)\\.`)) : [/^.*\.[^.]*\.(\d+)\./, /^[^.]*\.(\d+)\./];
+  for (const pattern of patterns) {
+    const m = pattern.exec(key);
+    if (m !== null) return Number(m[1]);
+  }
+  return undefined;
+};
+
+/**
+ * With layers_to_transform, PEFT puts the adapter only on modules of those layers and ignores factors of
+ * any other module when it loads the file. A merge that added them would serve another model than PEFT
+ * does, so such a module is refused by name (undefined: every module lies in a transformed layer).
+ */
+export const outsideTransformedLayers = (config: AdapterConfig, module: string): string | undefined => {
+  if (config.layersToTransform === undefined) return undefined;
+  const index = layerIndexOf(module, config.layersPattern);
+  const wanted = `layers_to_transform [${config.layersToTransform.join(', ')}]${config.layersPattern.length > 0 ? ` (layers_pattern ${config.layersPattern.map((p) => `'${p}'`).join(', ')})` : ''}`;
+  if (index === undefined) return `module '${module}' has no layer index, but the adapter is restricted to ${wanted}; PEFT would not apply it`;
+  if (!config.layersToTransform.includes(index)) return `module '${module}' lies in layer ${index}, outside ${wanted}; PEFT would not apply it`;
+  return undefined;
 };
 
 /** PEFT's pattern lookup: the first key whose regular expression matches the end of the module name
@@ -174,6 +226,8 @@ export const pairTensors = (
     const { rank, scaling } = moduleScaling(config, module);
     if (shapeA.length !== 2 || shapeA[0] !== rank) return bad(a, `expected [${rank}, in_features], found [${shapeA.join(', ')}]`);
     if (shapeB.length !== 2 || shapeB[1] !== rank) return bad(b, `expected [out_features, ${rank}], found [${shapeB.join(', ')}]`);
+    const outside = outsideTransformedLayers(config, module);
+    if (outside !== undefined) return bad(a, outside);
     pairs.push({ module, a, b, rank, scaling });
   }
   return E.right(pairs.sort((x, y) => (x.module < y.module ? -1 : x.module > y.module ? 1 : 0)));

@@ -115,6 +115,8 @@ export interface MappingOptions {
 /** The entry's blob 'source.json'. */
 export interface SourceRecord {
   readonly format: 1;
+  /** The matcher's rules the map was made by (MATCHER_REVISION): a map made by other rules is not reused. */
+  readonly matcher?: string;
   /** sha256 of the ONNX file's bytes and of the external data its decode read. */
   readonly onnx: string;
   readonly options: MappingOptions;
@@ -138,6 +140,7 @@ export const reusableMap = (entry: CacheEntry, source: SourceRecord): E.Either<s
   const recorded = parseSource(entry.blobs.get(SOURCE_BLOB));
   if (recorded === undefined) return E.left('the entry does not record its ONNX source');
   if (recorded.onnx !== source.onnx) return E.left('the entry was built from other ONNX bytes');
+  if (recorded.matcher !== source.matcher) return E.left(`the entry's weight map was made by other matching rules (${recorded.matcher ?? 'unrecorded'}, now ${source.matcher})`);
   if (stableJson(recorded.options) !== stableJson(source.options)) return E.left('the entry was mapped with other options');
   if (recorded.prepared === null || source.prepared === null || stableJson(recorded.prepared) !== stableJson(source.prepared)) return E.left('the entry was built from a graph prepared otherwise');
   const bytes = entry.blobs.get(WEIGHT_MAP_BLOB);

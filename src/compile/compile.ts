@@ -35,7 +35,7 @@ import { lowerContext, lowerSegment, type LoweredSegment } from '../network/lowe
 import { encodeSegmentModel } from '../fallback/model.js';
 import { prepareForRefit } from '../weightmap/prepare.js';
 import { legacyScope, nodeScopes, type NodeScopes } from '../weightmap/scopes.js';
-import { buildWeightMap, describeWeightMapError, type AmbiguousWeight, type WeightMap, type WeightMapErrorDetail } from '../weightmap/map.js';
+import { buildWeightMap, describeWeightMapError, MATCHER_REVISION, type AmbiguousWeight, type WeightMap, type WeightMapErrorDetail } from '../weightmap/map.js';
 import type { TensorStore } from '../weightmap/store.js';
 import { networkWeights, type Layer, type NetworkDefinition, type WeightRole, type Weights } from '../network/types.js';
 import { elementCount, tensorOf, type DType, type Graph, type Initializer, type Node, type Tensor, type TensorData } from '../trace/ir.js';
@@ -108,7 +108,18 @@ export type CompileErrorDetail =
   | { readonly _tag: 'CheckpointMismatch'; readonly tensors: readonly { readonly name: string; readonly detail: string }[] }
   /** A cache hit reusing its entry's weight map: checkpoint tensors no weight reads (the exported graph
    *  baked their build values in) hold other values than the map's build checkpoint, or tied copies differ. */
-  | { readonly _tag: 'PinnedChanged'; readonly tensors: readonly { readonly name: string; readonly detail: string }[] };
+  | { readonly _tag: 'PinnedChanged'; readonly tensors: readonly { readonly name: string; readonly detail: string }[] }
+  /** Weights the engines or fallbacks would hold with NaN values (a damaged file or checkpoint). */
+  | { readonly _tag: 'NaNWeights'; readonly weights: readonly NaNWeight[] };
+
+export interface NaNWeight {
+  /** The weight-map target. */
+  readonly id: string;
+  /** The checkpoint tensors it is computed from (none for a graph constant). */
+  readonly sources: readonly string[];
+  readonly count: number;
+  readonly elements: number;
+}
 
 export const describeCompileError = (e: CompileErrorDetail): string => {
   switch (e._tag) {
@@ -128,6 +139,7 @@ export const describeCompileError = (e: CompileErrorDetail): string => {
     case 'CacheFailed': return `engine cache: ${e.step} failed: ${e.detail}`;
     case 'ConflictingOptions': return `compile options: ${e.detail}`;
     case 'CheckpointMismatch': return `the checkpoint does not fit the weight map of the cached model built from this ONNX file: ${e.tensors.map((t) => t.detail).join('; ')}`;
+    case 'NaNWeights': return `${e.weights.length} weight(s) hold NaN values, which no engine can compute with (a damaged ONNX file or checkpoint): ${e.weights.slice(0, 5).map((w) => `${w.id}${w.sources.length > 0 ? ` (from checkpoint ${w.sources.map((n) => `'${n}'`).join(', ')})` : ' (a constant of the ONNX graph)'}: ${w.count} of ${w.elements}`).join('; ')}${e.weights.length > 5 ? ` (and ${e.weights.length - 5} more)` : ''}`;
     case 'PinnedChanged': return `the checkpoint changes tensor(s) ${e.tensors.map((t) => `'${t.name}'`).join(', ')}, which the engines cannot take: ${e.tensors.map((t) => t.detail).join('; ')}`;
   }
 };
@@ -360,7 +372,7 @@ export const mappingOptionsOf = (options: CompileOptions): MappingOptions => ({
 
 /** What a cache entry records about the source of a structure's weight map. */
 export const sourceRecordOf = (structure: CompileStructure, options: CompileOptions): SourceRecord => ({
-  format: 1, onnx: structure.sourceDigest, options: mappingOptionsOf(options), prepared: structure.prepared ?? null,
+  format: 1, matcher: MATCHER_REVISION, onnx: structure.sourceDigest, options: mappingOptionsOf(options), prepared: structure.prepared ?? null,
 });
 
 /** Trace (prepared for refit), partition, lower and map: pure, ONNX bytes and checkpoint in. */
@@ -583,6 +595,38 @@ export const withCheckpointValues = (plan: CompilePlan, checkpoint: TensorStore,
   const current: Record<string, string> = {};
   for (const t of weightMap.targets) if (t.status === 'mapped') current[t.id] = notHeld.has(t.id) ? '' : t.built.sourceDigest;
   return E.right({ ...plan, segments, weightMap, current, differs, warnings });
+};
+
+const isNaN16 = (bits: number, dtype: string): boolean => (dtype === 'float16' ? (bits & 0x7c00) === 0x7c00 && (bits & 0x03ff) !== 0 : (bits & 0x7f80) === 0x7f80 && (bits & 0x007f) !== 0);
+
+/** NaN values in a float weight (float32/64 values, float16/bfloat16 bit patterns); 0 for other dtypes. */
+const nanCount = (dtype: string, data: ArrayBufferView): number => {
+  let n = 0;
+  if (data instanceof Float32Array || data instanceof Float64Array) {
+    for (let i = 0; i < data.length; i++) if (Number.isNaN(data[i])) n++;
+  } else if ((dtype === 'float16' || dtype === 'bfloat16') && data instanceof Uint16Array) {
+    for (let i = 0; i < data.length; i++) if (isNaN16(data[i], dtype)) n++;
+  }
+  return n;
+};
+
+/**
+ * The weights a compile would build with NaN in them: a NaN weight poisons every output it reaches, so it
+ * is a damaged file, never a model. Infinities pass (attention masks use them), and so does a one-element
+ * constant (a NaN sentinel some graphs compare against).
+ */
+export const nanWeights = (plan: CompilePlan): NaNWeight[] => {
+  const engineValues = new Map(plan.segments.flatMap((s) => (s.lowered === undefined ? [] : [[s.segment.index, new Map(networkWeights(s.lowered.network).map((w) => [`${w.layer}\u0000${w.role}`, w.weights]))] as const])));
+  const fallbackValue = (segment: number, tensor: string): Tensor | undefined =>
+    plan.segments.find((s) => s.segment.index === segment)?.initializers?.get(tensor) ?? plan.analyzed.constants.get(tensor)?.tensor;
+  const out: NaNWeight[] = [];
+  for (const t of plan.weightMap.targets) {
+    const value = t.kind === 'engine' ? engineValues.get(t.segment)?.get(`${t.layer}\u0000${t.role}`) : t.tensor === undefined ? undefined : fallbackValue(t.segment, t.tensor);
+    if (value === undefined || elementCount(value.shape) <= 1) continue;
+    const count = nanCount(value.dtype, value.data);
+    if (count > 0) out.push({ id: t.id, sources: t.status === 'mapped' ? exprSources(t.expr) : [], count, elements: elementCount(value.shape) });
+  }
+  return out;
 };
 
 /** Builds one engine segment's network (the native library by default). */
@@ -990,6 +1034,8 @@ export const compileWithReportTE = (onnxPath: string, checkpointPath: string, op
     const valued = withCheckpointValues(planned, checkpoint, caps.transform ?? defaultTransform());
     if (E.isLeft(valued)) return valued;
     let plan = valued.right;
+    const nan = nanWeights(plan);
+    if (nan.length > 0) return E.left({ _tag: 'NaNWeights', weights: nan });
     if (held !== undefined) {
       // withCheckpointValues records the map's build digests; a reused map's are another checkpoint's.
       const current: Record<string, string> = {};

@@ -9,7 +9,7 @@
  * (`lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`).
  */
 import * as E from 'fp-ts/lib/Either.js';
-import { moduleScaling, type AdapterConfig } from '../checkpoint/adapter.js';
+import { moduleScaling, outsideTransformedLayers, type AdapterConfig } from '../checkpoint/adapter.js';
 import type { F32Tensor } from '../weightmap/evaluate.js';
 import { normalizeName } from '../weightmap/match.js';
 import { isFloatDtype, overlayStore, readF32, type TensorStore } from '../weightmap/store.js';
@@ -82,6 +82,8 @@ export const peftModules = (config: AdapterConfig, tensors: TensorStore): E.Eith
       const dtype = tensors.tensors.get(name)!.dtype;
       if (!isFloatDtype(dtype)) return E.left({ _tag: 'InvalidAdapter', tensor: name, detail: `LoRA factors must be floating point (F32, F16, BF16, F64); found ${dtype}` });
     }
+    const outside = outsideTransformedLayers(config, module);
+    if (outside !== undefined) return E.left({ _tag: 'UnsupportedAdapterSetting', setting: 'layers_to_transform', detail: `layers_to_transform: ${outside}` });
     const { rank, scaling } = moduleScaling(config, module);
     const sa = tensors.tensors.get(a)!.shape;
     const sb = tensors.tensors.get(b)!.shape;
@@ -173,6 +175,7 @@ export interface WeightedAdapter {
  * adapters the base store itself is returned.
  */
 const PEFT_PREFIX = 'base_model.model.';
+const FLOAT32_MAX = 3.4028234663852886e38;
 
 /**
  * Refuses what a merge would otherwise serve silently: a PEFT target_modules entry that names no module of
@@ -183,6 +186,9 @@ export const checkAdapterTargets = (base: TensorStore, adapters: readonly Weight
   let modules: string[] | undefined;
   for (const { adapter, weight } of adapters) {
     if (!Number.isFinite(weight)) return E.left({ _tag: 'UnsupportedAdapterSetting', setting: 'scale', detail: `scale: ${weight} is not a finite number` });
+    // The delta is float32: a factor beyond its range is infinity times every factor product.
+    const beyond = adapter.modules.find((m) => !(Math.abs(m.scaling * weight) <= FLOAT32_MAX));
+    if (beyond !== undefined) return E.left({ _tag: 'UnsupportedAdapterSetting', setting: 'scale', detail: `scale: ${weight} times module '${beyond.module}''s scaling ${beyond.scaling} is beyond float32's range` });
     const targets = adapter.targetModules;
     if (adapter.format !== 'peft' || targets === undefined) continue;
     modules ??= [

@@ -22,6 +22,10 @@ import { isUntiedCopy, untiedBase } from './untie.js';
 import { combineDigests, scanCache, valueDigest } from './digest.js';
 import { deriveGatherByValue, settleDerived } from './derive.js';
 
+/** The matcher's rules, recorded with every cached weight map. Change it with any rule that can change
+ *  what a map says, so that a cache entry mapped by the old rules is mapped again instead of reused. */
+export const MATCHER_REVISION = 'weightmap-2026-12-04';
+
 export type TargetStatus = 'mapped' | 'constant' | 'unmapped';
 
 export interface MapTarget {

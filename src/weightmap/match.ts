@@ -560,7 +560,8 @@ export class CheckpointIndex {
     // Every tensor holding such rows (at any row width) is a candidate; two or more are an ambiguity.
     if (isDegenerate(v.data)) {
       const pieces = this.fillRowSources(v, req).filter((n) => corroborated(n, req.evidence, undefined, this.prefixes));
-      return pieces.length > 1 ? { ambiguous: true, candidates: pieces } : undefined;
+      // The parameter's own name still decides (a two-element bias is "degenerate" whatever it holds).
+      return pieces.length > 1 ? { ambiguous: true, candidates: pieces } : nameOnly;
     }
     const rows = this.rowsCover(v, req);
     if (isAmbiguity(rows)) return rows;
