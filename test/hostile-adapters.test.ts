@@ -5,12 +5,13 @@
  * weights (the same factors without the setting) and against PyTorch's outputs where the fixtures have them.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cpSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ModelProtoType } from '../src/trace/onnx-schema.js';
 import { compileFile } from '../src/effect/files.js';
 import { writeSafetensors, type TensorToWrite } from '../src/safetensors/index.js';
 import { layerIndexOf } from '../src/checkpoint/adapter.js';
+import { openLora } from '../src/lora/open.js';
 import { readSafetensors } from './support/h5-safetensors.js';
 import { expectClose } from './support/h5-close.js';
 import { runCli, type CliResult } from './support/cli.js';
@@ -220,5 +221,37 @@ describe('NaN weights never compile', () => {
     // y = x @ W + bias, W [3, 2] row-major.
     const want = [0, 1].map((j) => x[0] * W[j] + x[1] * W[2 + j] + x[2] * W[4 + j] + bias[j]);
     expect(Array.from(readSafetensors(outputs).y.data as Float32Array)).toEqual(want.map(Math.fround));
+  });
+});
+
+describe('adapters in a Hugging Face hub cache', () => {
+  /** `models--org--name/{blobs,snapshots/rev}` with the snapshot's files linked into blobs/, as the hub does. */
+  const hubCache = (name: string, linkConfigTo?: string): string => {
+    const repo = join(dir.path, name, 'hub', 'models--org--adapter');
+    const snapshot = join(repo, 'snapshots', '0123abc');
+    mkdirSync(join(repo, 'blobs'), { recursive: true });
+    mkdirSync(snapshot, { recursive: true });
+    cpSync(bert('lora/adapter_config.json'), join(repo, 'blobs', 'c0ffee'));
+    cpSync(bert('lora/adapter_model.safetensors'), join(repo, 'blobs', 'deadbeef'));
+    symlinkSync(linkConfigTo ?? '../../blobs/c0ffee', join(snapshot, 'adapter_config.json'));
+    symlinkSync('../../blobs/deadbeef', join(snapshot, 'adapter_model.safetensors'));
+    return snapshot;
+  };
+
+  it('opens a snapshot whose files link into the repository\'s blobs/, and refits to PyTorch\'s expected_lora', async () => {
+    const snapshot = hubCache('hf-ok');
+    using a = await openLora(snapshot);
+    expect(a.modules.length).toBe(4);
+    const { out, r } = await refitWith(snapshot);
+    expect(r.code, r.stderr).toBe(0);
+    const want = readSafetensors(bert('expected_lora.safetensors')).output;
+    expectClose({ dtype: 'float32', shape: want.shape, data: await outputsOf(out) }, want);
+  });
+
+  it('still refuses a snapshot file linked anywhere else', async () => {
+    const secret = join(dir.path, 'secret.json');
+    writeFileSync(secret, readFileSync(bert('lora/adapter_config.json')));
+    const snapshot = hubCache('hf-evil', secret);
+    await expect(openLora(snapshot)).rejects.toThrow(/adapter_config\.json.*refused/);
   });
 });

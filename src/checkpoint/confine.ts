@@ -7,7 +7,7 @@
  * checks alone (no `..`, not absolute) do not see symbolic links; this does.
  */
 import { closeSync, constants, fstatSync, openSync, readlinkSync, readSync, realpathSync, type Stats } from 'node:fs';
-import { dirname, isAbsolute, normalize, sep } from 'node:path';
+import { dirname, isAbsolute, normalize, resolve, sep } from 'node:path';
 import * as E from 'fp-ts/lib/Either.js';
 
 /** What a descriptor refers to, in words, for a file that is not a regular file. */
@@ -48,7 +48,26 @@ export const allowedRoots = (directory: string, namingFile?: string): string[] =
       // likewise
     }
   }
+  const blobs = huggingFaceBlobs(directory);
+  if (blobs !== undefined) roots.add(blobs);
   return [...roots];
+};
+
+/**
+ * A folder inside a Hugging Face hub cache snapshot (`<cache>/models--org--name/snapshots/<revision>/...`)
+ * holds links into the repository's own `blobs/` folder: that folder (and only that one) is inside too.
+ */
+export const huggingFaceBlobs = (directory: string): string | undefined => {
+  const parts = resolve(directory).split(sep);
+  for (let i = parts.length - 2; i >= 1; i--) {
+    if (parts[i] !== 'snapshots' || !/^(models|datasets|spaces)--./.test(parts[i - 1])) continue;
+    try {
+      return realpathSync([...parts.slice(0, i), 'blobs'].join(sep) || sep);
+    } catch {
+      return undefined;
+    }
+  }
+  return undefined;
 };
 
 const inside = (real: string, root: string): boolean => real === root || real.startsWith(root.endsWith(sep) ? root : `${root}${sep}`);
