@@ -9,7 +9,8 @@ import { networkWeights, type NetworkDefinition, type WeightRole } from '../netw
 import type { DType } from '../trace/ir.js';
 import { digestCache, valueDigest } from '../weightmap/digest.js';
 import type { MapTarget, WeightMap } from '../weightmap/map.js';
-import type { TensorStore } from '../weightmap/store.js';
+import { readF32, type TensorStore } from '../weightmap/store.js';
+import { fromFloat32 } from '../safetensors/convert.js';
 import { RefitModel } from '../model/model.js';
 import { buildInfoOf, engineBuildOptions, weightSettingsOf, type CompileErrorDetail, type CompileOptions } from './compile.js';
 
@@ -63,7 +64,17 @@ export const compileNetwork = (
   const desc = (d: { name: string; dtype: string; shape: number[] }) => ({ name: d.name, dtype: d.dtype as DType, shape: d.shape });
   const inputs = io.filter((d) => d.isInput).map(desc);
   const outputs = io.filter((d) => !d.isInput).map(desc);
-  const current = Object.fromEntries(targets.filter((t) => t.status === 'mapped').map((t) => [t.id, t.built.sourceDigest]));
+  // The engine holds the network's values: a weight records its checkpoint tensor as held only when the
+  // two agree bit for bit in the weight's dtype; otherwise it holds nothing known, and the next refit sets it.
+  const values = new Map(networkWeights(network).map((w) => [`engine/0/${w.layer}/${w.role}`, w.weights]));
+  const holdsCheckpoint = (t: MapTarget): boolean => {
+    const w = values.get(t.id);
+    const f32 = t.expr.op === 'source' ? readF32(checkpoint, t.expr.name) : undefined;
+    if (w === undefined || f32 === undefined) return false;
+    const inDtype = w.dtype === 'float32' ? f32.data : w.dtype === 'float16' || w.dtype === 'bfloat16' ? fromFloat32(f32.data, w.dtype === 'float16' ? 'F16' : 'BF16') : undefined;
+    return inDtype !== undefined && Buffer.from(inDtype.buffer, inDtype.byteOffset, inDtype.byteLength).equals(Buffer.from(w.data.buffer, w.data.byteOffset, w.data.byteLength));
+  };
+  const current = Object.fromEntries(targets.filter((t) => t.status === 'mapped').map((t) => [t.id, holdsCheckpoint(t) ? t.built.sourceDigest : '']));
   return E.right(new RefitModel(
     {
       inputs, outputs: outputs.map((o) => o.name), tensors: [...inputs, ...outputs],
